@@ -1,0 +1,1 @@
+"""The hospital side: Flower ClientApp, local DP-SGD training, the privacy odometer."""

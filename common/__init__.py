@@ -1,0 +1,1 @@
+"""What the coordinator and the hospitals share: config, data, model, DP-SGD, accounting."""

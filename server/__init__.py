@@ -1,0 +1,1 @@
+"""The coordinator: Flower ServerApp, FedAvg with privacy reporting, ledger, audit, certificates."""
