@@ -1,0 +1,278 @@
+"""The configuration schema: every setting, its default, its unit and its allowed values.
+
+YAML files in configs/ hold only overrides of these defaults; `--set key=value` overrides
+those. Dotted keys (`dp.noise_multiplier`) are the only names a user learns: the Flower run
+config carries the resolved config as one JSON string, mapped back here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from common.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits (scikit-learn's bundled 8x8 images) | npz (MedMNIST layout) | folder
+    path: str | list[str] = ""  # npz file or image folder; a list gives one path per hospital
+    partition: str = "iid"  # iid | dirichlet (label skew) | quantity (size skew)
+    alpha: float = 0.5  # Dirichlet concentration for dirichlet and quantity; smaller = more skewed
+    image_size: int = 0  # side in pixels to resize to; 0 keeps the data's own size
+    test_fraction: float = 0.2  # central held-out test split, when the source has none
+    local_eval_fraction: float = 0.1  # each hospital's local held-out split for federated evaluation
+    on_bad_image: str = "refuse"  # refuse | skip (and count) unreadable images
+
+
+@dataclass
+class ModelConfig:
+    filters: list[int] = field(default_factory=lambda: [16, 32, 64])  # Conv2D widths, one conv+pool block each
+    dense_units: int = 64  # width of the Dense layer before the output
+    activation: str = "tanh"  # tanh | relu | elu | sigmoid (bounded ones train better under DP)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # expected Poisson batch size; sampling rate q = batch_size / examples
+    local_epochs: float = 1.0  # DP-SGD steps per round = ceil(local_epochs / q)
+    learning_rate: float = 0.5  # SGD step size
+    momentum: float = 0.0  # SGD momentum in [0, 1)
+    fraction_train: float = 1.0  # share of hospitals asked to train each round, in (0, 1]
+    fraction_evaluate: float = 1.0  # share asked for federated evaluation each round, in [0, 1]
+
+
+@dataclass
+class DPConfig:
+    l2_norm_clip: float = 1.0  # C: every example's gradient is clipped to this L2 norm
+    noise_multiplier: float = 1.0  # sigma: Gaussian noise std is sigma * C on the gradient sum
+
+
+@dataclass
+class PrivacyConfig:
+    max_epsilon: float = 8.0  # each hospital's own budget; a round that would pass it is declined
+    delta: float = 1e-5  # target delta of the (epsilon, delta) guarantee
+    odometer_dir: str = "odometer"  # where each simulated hospital keeps its durable privacy record
+
+
+@dataclass
+class SimulationConfig:
+    cpus_per_client: float = 1.0  # Ray CPUs reserved per simulated hospital (sets parallelism)
+
+
+@dataclass
+class Config:
+    rounds: int = 5  # federated rounds (the run stops earlier when every budget is spent)
+    hospitals: int = 5  # simulated hospitals
+    seed: int = 0  # partitioning, model initialisation and the test split (not DP noise)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+CHOICES = {
+    "data.source": ("digits", "npz", "folder"),
+    "data.partition": ("iid", "dirichlet", "quantity"),
+    "data.on_bad_image": ("refuse", "skip"),
+    "model.activation": ("tanh", "relu", "elu", "sigmoid"),
+}
+# (lowest, highest, lowest allowed itself?, highest allowed itself?)
+RANGES = {
+    "rounds": (1, None, True, None),
+    "hospitals": (1, None, True, None),
+    "data.alpha": (0, None, False, None),
+    "data.image_size": (0, 4096, True, True),
+    "data.test_fraction": (0, 1, False, False),
+    "data.local_eval_fraction": (0, 1, True, False),
+    "model.dense_units": (1, None, True, None),
+    "train.batch_size": (1, None, True, None),
+    "train.local_epochs": (0, None, False, None),
+    "train.learning_rate": (0, None, False, None),
+    "train.momentum": (0, 1, True, False),
+    "train.fraction_train": (0, 1, False, True),
+    "train.fraction_evaluate": (0, 1, True, True),
+    "dp.l2_norm_clip": (0, None, False, None),
+    "dp.noise_multiplier": (0, None, False, None),
+    "privacy.max_epsilon": (0, None, False, None),
+    "privacy.delta": (0, 1, False, False),
+    "simulation.cpus_per_client": (0, None, False, None),
+}
+
+
+def _convert(key: str, value, kind):
+    """Coerce one value to the field's type, or raise UserError naming the key."""
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item_kind,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else []
+        if isinstance(value, list):
+            return [_convert(key, item, item_kind) for item in value]
+    elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if isinstance(value, str) and value.strip().startswith("["):  # --set data.path=[a, b]
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise UserError(f"config key '{key}': cannot read the list {value!r}") from None
+        for option in typing.get_args(kind):  # str | list[str]: a path or a list of paths
+            try:
+                return _convert(key, value, option)
+            except UserError:
+                continue
+    name = getattr(kind, "__name__", str(kind))
+    raise UserError(f"config key '{key}': expected {name}, got {value!r}")
+
+
+def _fields(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _apply(target, values: dict, prefix: str = "") -> None:
+    """Set the fields of a dataclass instance from a nested dict, refusing unknown keys."""
+    if not isinstance(values, dict):
+        raise UserError(f"config key '{prefix.rstrip('.') or '(top level)'}' must be a mapping, got {values!r}")
+    kinds = _fields(type(target))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in kinds:
+            raise UserError(f"unknown config key '{key}'; known keys: {', '.join(prefix + k for k in kinds)}")
+        kind = kinds[name]
+        if dataclasses.is_dataclass(kind):
+            _apply(getattr(target, name), value, key + ".")
+        else:
+            setattr(target, name, _convert(key, value, kind))
+
+
+def validate(config: Config) -> Config:
+    """Check every value against CHOICES and RANGES and the cross-field rules."""
+    flat = flatten(config)
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise UserError(f"config key '{key}' must be one of {' | '.join(allowed)}, got {flat[key]!r}")
+    for key, (low, high, low_ok, high_ok) in RANGES.items():
+        value = flat[key]
+        if low is not None and (value < low or (value == low and not low_ok)):
+            raise UserError(f"config key '{key}' must be {'>=' if low_ok else '>'} {low}, got {value}")
+        if high is not None and (value > high or (value == high and not high_ok)):
+            raise UserError(f"config key '{key}' must be {'<=' if high_ok else '<'} {high}, got {value}")
+    if not config.model.filters or any(width < 1 for width in config.model.filters):
+        raise UserError(f"config key 'model.filters' must be a non-empty list of positive ints, got {config.model.filters}")
+    if config.data.source != "digits" and not config.data.path:
+        raise UserError(f"config key 'data.path' is required for data.source={config.data.source}: set it to the file or folder")
+    if isinstance(config.data.path, list) and len(config.data.path) != config.hospitals:
+        raise UserError(
+            f"config key 'data.path' lists {len(config.data.path)} paths but hospitals={config.hospitals}: give one path per hospital"
+        )
+    return config
+
+
+def flatten(config: Config) -> dict:
+    """The resolved config as {dotted key: value}."""
+    out = {}
+
+    def walk(node, prefix):
+        for name in _fields(type(node)):
+            value = getattr(node, name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{name}.")
+            else:
+                out[f"{prefix}{name}"] = value
+
+    walk(config, "")
+    return out
+
+
+def to_dict(config: Config) -> dict:
+    """The resolved config as a nested dict (for config.yaml and the Flower run config)."""
+    return dataclasses.asdict(config)
+
+
+def parse_override(text: str) -> dict:
+    """Turn 'dp.noise_multiplier=1.2' into the nested dict {'dp': {'noise_multiplier': '1.2'}}."""
+    if "=" not in text:
+        raise UserError(f"--set expects key=value (for example dp.noise_multiplier=1.2), got {text!r}")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"--set expects key=value, got {text!r}")
+    nested: dict = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value.strip()
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file's values, then each `key=value` override; validated."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path} (pass an existing YAML file with --config)")
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read config file {path}: {error}") from None
+        if values is not None:
+            _apply(config, values)
+    for text in overrides:
+        _apply(config, parse_override(text))
+    return validate(config)
+
+
+def from_dict(values: dict) -> Config:
+    """Rebuild a validated Config from `to_dict` output (e.g. the Flower run config)."""
+    config = Config()
+    _apply(config, values)
+    return validate(config)
+
+
+def from_run_config(run_config: dict) -> Config:
+    """The one mapping from Flower's run config: `config-json` if set, else `config-path`."""
+    text = str(run_config.get("config-json", "") or "")
+    if text:
+        return from_dict(json.loads(text))
+    path = Path(str(run_config.get("config-path", "configs/default.yaml")))
+    if not path.is_absolute():
+        path = PROJECT_ROOT / path
+    return load_config(path)

@@ -1,0 +1,101 @@
+"""Who holds what in a simulation: the central test split and each hospital's shard.
+
+Server and clients call `load_federation` with the same config and get the same split (fixed
+seed), so no index list has to travel. Deployment does not use this: there each hospital
+loads its own files (client/task.py).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.config import Config, from_dict, to_dict
+from common.data import Dataset, load_dataset, load_hospital_paths
+from common.partition import check_shards, holdout_split, partition, split_test
+
+
+@dataclass
+class Shard:
+    """One hospital's data: training examples and its local held-out split."""
+
+    name: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    eval_x: np.ndarray
+    eval_y: np.ndarray
+
+
+@dataclass
+class Federation:
+    dataset: Dataset  # shapes, classes and loader notes
+    test_x: np.ndarray  # central held-out test set (evaluated by the coordinator)
+    test_y: np.ndarray
+    shards: list[Shard]
+
+
+def hospital_name(index: int) -> str:
+    return f"hospital-{index}"
+
+
+def _central_split(dataset: Dataset, config: Config, seed: int):
+    """(train_x, train_y, test_x, test_y): the source's own test split, or a held-out fraction."""
+    if dataset.test_x is not None and len(dataset.test_x):
+        return dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y
+    train_idx, test_idx = split_test(len(dataset.train_y), config.data.test_fraction, seed=seed)
+    return (dataset.train_x[train_idx], dataset.train_y[train_idx],
+            dataset.train_x[test_idx], dataset.train_y[test_idx])
+
+
+def _shard(name, x, y, fraction, seed) -> Shard:
+    train_idx, eval_idx = holdout_split(np.arange(len(y)), fraction, seed=seed)
+    return Shard(name, x[train_idx], y[train_idx], x[eval_idx], y[eval_idx])
+
+
+def build_federation(config: Config) -> Federation:
+    """Load the configured data and split it into a central test set and one shard per hospital."""
+    data = config.data
+    names = [hospital_name(i) for i in range(config.hospitals)]
+    if isinstance(data.path, list):  # one file or folder per hospital
+        datasets = load_hospital_paths(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image)
+        shards, tests_x, tests_y = [], [], []
+        for index, (name, own) in enumerate(zip(names, datasets)):
+            train_x, train_y, test_x, test_y = _central_split(own, config, config.seed + index)
+            shards.append(_shard(name, train_x, train_y, data.local_eval_fraction, config.seed + index))
+            tests_x.append(test_x)
+            tests_y.append(test_y)
+        federation = Federation(datasets[0], np.concatenate(tests_x), np.concatenate(tests_y), shards)
+    else:
+        dataset = load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image)
+        train_x, train_y, test_x, test_y = _central_split(dataset, config, config.seed)
+        parts = partition(train_y, config.hospitals, data.partition, alpha=data.alpha, seed=config.seed)
+        shards = [
+            _shard(name, train_x[idx], train_y[idx], data.local_eval_fraction, config.seed + index)
+            for index, (name, idx) in enumerate(zip(names, parts))
+        ]
+        federation = Federation(dataset, test_x, test_y, shards)
+    check_shards([s.train_y for s in federation.shards], names, config.train.batch_size)
+    return federation
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(config_json: str) -> Federation:
+    return build_federation(from_dict(json.loads(config_json)))
+
+
+def load_federation(config: Config) -> Federation:
+    """`build_federation`, cached per process: simulated hospitals sharing a worker decode once."""
+    return _cached(json.dumps(to_dict(config), sort_keys=True))
+
+
+def central_test_set(config: Config) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """(dataset, test_x, test_y) for the coordinator, split exactly as in `build_federation`."""
+    if isinstance(config.data.path, list):
+        federation = load_federation(config)
+        return federation.dataset, federation.test_x, federation.test_y
+    data = config.data
+    dataset = load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image)
+    _, _, test_x, test_y = _central_split(dataset, config, config.seed)
+    return dataset, test_x, test_y

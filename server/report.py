@@ -1,0 +1,55 @@
+"""The coordinator's words: one line per round and the run summary."""
+from __future__ import annotations
+
+import statistics
+
+LISTED_HOSPITALS = 10  # beyond this a round line shows min / median / max instead of each
+
+
+def _epsilons(latest: dict[str, dict]) -> str:
+    if not latest:
+        return "epsilon: no hospital reported"
+    ordered = sorted(latest.values(), key=lambda r: (len(r["hospital"]), r["hospital"]))
+    values = [r["epsilon"] for r in ordered]
+    if len(ordered) <= LISTED_HOSPITALS:
+        parts = [
+            f"{r['hospital']} {r['epsilon']:.3f} ({r['max_epsilon'] - r['epsilon']:.2f} left)"
+            + (" budget spent" if r["status"] == "budget_exhausted" else "")
+            for r in ordered
+        ]
+        text = "epsilon: " + ", ".join(parts)
+    else:
+        text = f"epsilon over {len(values)} hospitals: min {min(values):.3f}, median {statistics.median(values):.3f}"
+    return f"{text} | max {max(values):.3f} | delta {ordered[0]['delta']:g}"
+
+
+def round_line(record: dict, total_rounds: int, latest: dict[str, dict]) -> str:
+    """'Round 2/5 | accuracy 0.871 loss 0.402 | epsilon: ... | max ... | delta ...'."""
+    scores = f"accuracy {record['accuracy']:.3f} loss {record['loss']:.3f}"
+    if "auc" in record:
+        scores += f" auc {record['auc']:.3f}"
+    return f"Round {record['round']}/{total_rounds} | {scores} | {_epsilons(latest)} | {record['seconds']:.1f} s"
+
+
+def summary_lines(run, latest: dict[str, dict], seconds: float) -> list[str]:
+    """Final accuracy, each hospital's spend and remaining budget, who ended on budget, where files are."""
+    metrics = run.read_metrics()
+    lines = ["", f"Finished {len(metrics)} round(s) in {seconds:.1f} s."]
+    if metrics:
+        final = metrics[-1]
+        lines.append(f"Final global model: accuracy {final['accuracy']:.3f}, loss {final['loss']:.3f}"
+                     + (f", AUC {final['auc']:.3f}" if "auc" in final else "") + " on the central test set.")
+    if latest:
+        worst = max(latest.values(), key=lambda r: r["epsilon"])
+        lines.append(f"Privacy: maximum epsilon {worst['epsilon']:.3f} at delta {worst['delta']:g} "
+                     f"({worst['hospital']}), PLD accounting over Poisson-sampled DP-SGD steps.")
+        for record in sorted(latest.values(), key=lambda r: (len(r["hospital"]), r["hospital"])):
+            lines.append(f"  {record['hospital']}: epsilon {record['epsilon']:.3f} of {record['max_epsilon']:g}, "
+                         f"{record['max_epsilon'] - record['epsilon']:.3f} left")
+        spent = [r["hospital"] for r in latest.values() if r["status"] == "budget_exhausted"]
+        if spent:
+            lines.append(f"Ended on budget (declined to train): {', '.join(sorted(spent))}")
+    lines.append(f"Run directory: {run.path} (config.yaml, metrics.jsonl, privacy_ledger.jsonl, model.keras, "
+                 "accuracy.png, epsilon.png)")
+    lines.append(f"Audit it: python -m server.audit {run.path}")
+    return lines

@@ -1,0 +1,84 @@
+"""One run directory: resolved config, per-round metrics, privacy ledger, final model, plots."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from common.errors import UserError
+
+
+class RunDirectory:
+    """The files a run writes; a directory that already holds files is never reused."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.ledger = self.path / "privacy_ledger.jsonl"
+        self.model = self.path / "model.keras"
+        self.accuracy_plot = self.path / "accuracy.png"
+        self.epsilon_plot = self.path / "epsilon.png"
+
+    @classmethod
+    def create(cls, path: str | Path | None) -> "RunDirectory":
+        """Make the directory; refuse one that exists and is not empty (nothing is overwritten)."""
+        if not path:
+            path = Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UserError(f"run directory {path} already exists and is not empty: choose another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    def write_config(self, resolved: dict) -> None:
+        self.config.write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def plot(self, ledger_records: list[dict]) -> None:
+        """accuracy.png (central and federated accuracy) and epsilon.png (per hospital, with budgets)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        metrics = self.read_metrics()
+        figure, axis = plt.subplots(figsize=(6, 4))
+        rounds = [m["round"] for m in metrics]
+        axis.plot(rounds, [m["accuracy"] for m in metrics], marker="o", label="central test set")
+        federated = [(m["round"], m["federated_accuracy"]) for m in metrics if "federated_accuracy" in m]
+        if federated:
+            axis.plot(*zip(*federated), marker="s", linestyle="--", label="hospitals' held-out splits")
+        axis.set(xlabel="round", ylabel="accuracy", title="Global model accuracy", ylim=(0, 1))
+        axis.grid(alpha=0.3)
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(self.accuracy_plot, dpi=120)
+        plt.close(figure)
+
+        figure, axis = plt.subplots(figsize=(6, 4))
+        hospitals = sorted({r["hospital"] for r in ledger_records}, key=lambda h: (len(h), h))
+        for hospital in hospitals:
+            own = [r for r in ledger_records if r["hospital"] == hospital]
+            axis.plot([r["round"] for r in own], [r["epsilon"] for r in own], marker=".",
+                      label=hospital if len(hospitals) <= 10 else None)
+        for budget in sorted({r["max_epsilon"] for r in ledger_records}):
+            axis.axhline(budget, color="red", linestyle=":", linewidth=1)
+        delta = ledger_records[0]["delta"] if ledger_records else None
+        axis.set(xlabel="round", ylabel="cumulative epsilon", title=f"Privacy spent per hospital (delta={delta})")
+        axis.grid(alpha=0.3)
+        if 0 < len(hospitals) <= 10:
+            axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(self.epsilon_plot, dpi=120)
+        plt.close(figure)
