@@ -1,0 +1,231 @@
+"""A real deployment: one SuperLink, two hospital SuperNodes, `flwr run`, TLS and node auth.
+
+What runs (as separate OS processes, logs in pytest's tmp dir):
+- the coordinator: `flower-superlink` with certificates from `python -m server.certs` and
+  `--enable-supernode-auth`;
+- the operator: `flwr` with its own Flower Configuration (temporary FLWR_HOME), registering
+  the hospitals' public keys and submitting the run;
+- hospitals h1 and h2: `flower-supernode` with their private key, the CA certificate and a
+  node config pointing at their own .npz;
+- two intruders: a SuperNode whose key was never registered, and a SuperNode with a
+  registered key that trusts another CA. Both must be refused.
+
+As root with `ip netns`, the coordinator and every SuperNode get their own network
+namespace (see tests/deploy_helpers.py); otherwise all runs on loopback and a warning says
+so. Deselect with `-m "not deploy"` (or `-k "not deploy"`). HFL_DEPLOY_LOOPBACK=1 forces
+loopback mode.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.certs import create_coordinator_certs, create_hospital_key
+from tests.deploy_helpers import REPO, Deployment, Proc, parse_json_output, quiet_env, wait_for
+
+pytestmark = pytest.mark.deploy
+
+HOSPITALS = ("h1", "h2")
+CONNECTION = "hospitals"  # the operator's name for the SuperLink in the Flower Configuration
+RUN_TIMEOUT = 420  # seconds for two rounds; about two minutes on an idle 2-core machine
+STARTUP_TIMEOUT = 60
+
+
+@dataclass
+class Outcome:
+    workdir: Path
+    deployment: Deployment
+    run_dir: Path
+    status: str = ""
+    run_log: str = ""
+    nodes: list = field(default_factory=list)
+    intruders: dict = field(default_factory=dict)  # name -> (exit code, log)
+    odometers: dict = field(default_factory=dict)  # hospital -> odometer path
+    node_ids: dict = field(default_factory=dict)  # registered name -> node id
+    procs: dict = field(default_factory=dict)  # name -> Proc
+
+    def logs(self) -> str:
+        """Tails of every process log, for assertion messages."""
+        parts = [f"mode: {self.deployment.note}", f"run status: {self.status}", f"run log:\n{self.run_log[-3000:]}"]
+        for proc in self.deployment.procs:
+            parts.append(f"----- {proc.name} (exit {proc.popen.poll()}):\n{proc.text()[-2500:]}")
+        return "\n".join(parts)
+
+
+def _hospital_data(path: Path, part: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+    """A MedMNIST-layout .npz (uint8 images, integer labels) with a local held-out split."""
+    cut = int(len(part) * 0.85)
+    np.savez(path, train_images=images[part[:cut]], train_labels=labels[part[:cut]],
+             test_images=images[part[cut:]], test_labels=labels[part[cut:]])
+
+
+def _superlink_argv(deployment: Deployment, certs: Path) -> list[str]:
+    return ["flower-superlink",
+            "--ssl-ca-certfile", str(certs / "ca.crt"),
+            "--ssl-certfile", str(certs / "server.crt"),
+            "--ssl-keyfile", str(certs / "server.key"),
+            "--enable-supernode-auth",
+            "--host", deployment.link_host, "--port", str(deployment.link_port),
+            "--disable-runtime-dependency-installation"]
+
+
+def _supernode_argv(deployment: Deployment, root_ca: Path, key: Path, node_config: str | None = None,
+                    give_up: bool = False) -> list[str]:
+    argv = ["flower-supernode",
+            "--superlink", deployment.superlink_address,
+            "--root-certificates", str(root_ca),
+            "--auth-supernode-private-key", str(key),
+            "--port", str(deployment.node_port())]
+    if node_config:
+        argv += ["--node-config", node_config]
+    if give_up:  # intruders: a few tries, then exit instead of retrying forever
+        argv += ["--max-retries", "2", "--max-wait-time", "15"]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    from sklearn.datasets import load_digits
+
+    work = tmp_path_factory.mktemp("deploy")
+    deployment = Deployment(work)
+    outcome = Outcome(work, deployment, work / "run")
+    try:
+        deployment.setup_network([*HOSPITALS, "unregistered", "wrong-ca"])
+        print(deployment.note)
+        if deployment.mode == "loopback":
+            warnings.warn(deployment.note, UserWarning, stacklevel=1)
+        coord_ns = deployment.coordinator_ns
+
+        # Coordinator: CA and server certificate for the address the hospitals use.
+        certs, other_ca = work / "certs", work / "other-ca"
+        create_coordinator_certs(certs, ["localhost"] if deployment.mode == "loopback" else [], [deployment.link_host])
+        create_coordinator_certs(other_ca, [], [deployment.link_host])  # a CA nobody should trust
+        keys = work / "keys"
+        for name in (*HOSPITALS, "unregistered", "wrong-ca"):
+            create_hospital_key(keys, name)
+
+        # Each hospital's own data: disjoint halves of the bundled digits (8x8, labels 0..9).
+        digits = load_digits()
+        images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
+        order = np.random.default_rng(0).permutation(len(digits.target))
+        for index, name in enumerate(HOSPITALS):
+            _hospital_data(work / f"{name}.npz", order[index::2], images, digits.target)
+
+        outcome.procs["superlink"] = deployment.spawn(
+            "superlink", _superlink_argv(deployment, certs), namespace=coord_ns,
+            env=quiet_env({"FLWR_HOME": str(work / "home-superlink")}))
+        operator = deployment.write_flower_config(work / "home-operator", CONNECTION, certs / "ca.crt")
+
+        def flwr(*args: str, timeout: float = 60):
+            return deployment.run(["flwr", *args], namespace=coord_ns, env=operator, timeout=timeout)
+
+        def nodes():
+            listed = flwr("supernode", "ls", CONNECTION, "--format", "json")
+            result = parse_json_output(listed.stdout) if listed.stdout.strip() else {}
+            return result.get("nodes") if result.get("success") else None
+
+        wait_for(lambda: nodes() is not None, STARTUP_TIMEOUT, 1, "the SuperLink's Control API")
+        for name in (*HOSPITALS, "wrong-ca"):  # "unregistered" is, by definition, not registered
+            registered = parse_json_output(flwr("supernode", "register", str(keys / f"{name}.pub"), CONNECTION,
+                                                "--name", name, "--format", "json").stdout)
+            assert registered.get("success"), f"registering {name} failed: {registered}"
+            outcome.node_ids[name] = str(registered["node-id"])
+
+        for name in HOSPITALS:
+            node_config = (f'hospital-id="{name}" data-source="npz" data-path="{work / name}.npz" '
+                           f'max-epsilon=8.0 delta=1e-5 odometer-path="{work / name}-odometer.jsonl"')
+            outcome.odometers[name] = work / f"{name}-odometer.jsonl"
+            outcome.procs[name] = deployment.spawn(
+                name, _supernode_argv(deployment, certs / "ca.crt", keys / f"{name}.key", node_config),
+                namespace=deployment.node_ns.get(name), env=quiet_env({"FLWR_HOME": str(work / f"home-{name}")}))
+        intruders = {
+            "unregistered": _supernode_argv(deployment, certs / "ca.crt", keys / "unregistered.key", give_up=True),
+            "wrong-ca": _supernode_argv(deployment, other_ca / "ca.crt", keys / "wrong-ca.key", give_up=True),
+        }
+        for name, argv in intruders.items():
+            outcome.procs[name] = deployment.spawn(name, argv, namespace=deployment.node_ns.get(name),
+                                                   env=quiet_env({"FLWR_HOME": str(work / f"home-{name}")}))
+
+        def both_online():
+            listed = nodes() or []
+            return sum(node.get("status") == "online" for node in listed) >= len(HOSPITALS)
+
+        wait_for(both_online, STARTUP_TIMEOUT, 1, "both hospitals' SuperNodes to come online")
+
+        started = flwr("run", str(REPO), CONNECTION, "--format", "json", "--run-config",
+                       f'run-dir="{outcome.run_dir}" config-path="configs/deploy-test.yaml"', timeout=120)
+        run_id = parse_json_output(started.stdout).get("run-id")
+        assert run_id, f"flwr run did not start a run:\n{started.stdout}\n{started.stderr}"
+
+        for name in intruders:
+            proc: Proc = outcome.procs[name]
+            wait_for(lambda p=proc: not p.alive(), 90, 1, f"the {name} SuperNode to give up")
+            outcome.intruders[name] = (proc.popen.returncode, proc.text())
+        outcome.nodes = nodes() or []
+
+        def finished():
+            listed = parse_json_output(flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json").stdout)
+            status = listed["runs"][0]["status"] if listed.get("runs") else ""
+            outcome.status = status
+            return status.startswith("finished")
+
+        try:
+            wait_for(finished, RUN_TIMEOUT, 3, f"run {run_id} to finish")
+        finally:
+            outcome.run_log = flwr("log", str(run_id), CONNECTION, "--show", timeout=60).stdout
+        yield outcome
+    finally:
+        deployment.close()
+
+
+def _ledger(run_dir: Path) -> list[dict]:
+    path = run_dir / "privacy_ledger.jsonl"
+    assert path.exists(), f"no ledger at {path}"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_deploy_two_hospitals_two_rounds_over_tls(deployed):
+    assert deployed.status == "finished:completed", deployed.logs()
+    records = _ledger(deployed.run_dir)
+    trained = [r for r in records if r.get("status") == "trained"]
+    assert sorted((r["round"], r["hospital"]) for r in trained) == [(1, "h1"), (1, "h2"), (2, "h1"), (2, "h2")], records
+    for hospital in HOSPITALS:
+        eps = [r["epsilon"] for r in sorted(trained, key=lambda r: r["round"]) if r["hospital"] == hospital]
+        assert 0 < eps[0] < eps[1] <= 8.0, (hospital, eps)
+        assert all(r["delta"] == pytest.approx(1e-5) for r in trained if r["hospital"] == hospital)
+    # Each hospital charged its own odometer, on its own side, before sending anything.
+    for hospital, path in deployed.odometers.items():
+        charges = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        assert len(charges) == 2, (hospital, charges)
+
+    from common.tf_setup import keras
+
+    model = keras.models.load_model(deployed.run_dir / "model.keras")
+    assert model.output_shape[-1] == 10
+    assert model.predict(np.zeros((1, *model.input_shape[1:]), np.float32), verbose=0).shape == (1, 10)
+
+
+def test_deploy_refuses_unregistered_supernode(deployed):
+    code, log = deployed.intruders["unregistered"]
+    assert code not in (0, None), deployed.logs()
+    assert "Failed to initialize the connection to the SuperLink" in log, log
+    assert "Failed to activate SuperNode" in log, log
+    superlink_log = deployed.procs["superlink"].text()
+    assert "No SuperNode found with the given public key" in superlink_log, superlink_log[-3000:]
+
+
+def test_deploy_refuses_supernode_that_does_not_trust_the_ca(deployed):
+    code, log = deployed.intruders["wrong-ca"]
+    assert code not in (0, None), deployed.logs()
+    assert "CERTIFICATE_VERIFY_FAILED" in log, log
+    # Its key is registered, yet it never came online: only h1 and h2 ever did.
+    names = {node_id: name for name, node_id in deployed.node_ids.items()}
+    statuses = {names.get(node["node-id"], node["node-id"]): node["status"] for node in deployed.nodes}
+    assert statuses.get("wrong-ca") == "registered", statuses
+    assert sorted(n for n, s in statuses.items() if s == "online") == sorted(HOSPITALS), statuses

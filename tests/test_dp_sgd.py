@@ -1,0 +1,313 @@
+"""DP-SGD engine: equals the textbook algorithm (one example at a time), noise, Poisson sampling."""
+import logging
+
+import numpy as np
+import pytest
+
+from common import dp_sgd
+from common.dp_sgd import DPSGDEngine
+from common.model import build_model, per_example_loss
+from common.tf_setup import keras, tf, tf_privacy
+
+
+def naive_clipped_sum(model, x, y, clip):
+    """Textbook clipping: one example at a time, clip by global norm, sum. Returns (sums, norms)."""
+    sums = [np.zeros(v.shape, np.float64) for v in model.trainable_variables]
+    norms = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(per_example_loss(y[i:i + 1], model(x[i:i + 1], training=False)))
+        grads = tape.gradient(loss, model.trainable_variables)
+        norm = float(tf.linalg.global_norm(grads))
+        norms.append(norm)
+        for total, g in zip(sums, grads):
+            total += min(1.0, clip / norm) * g.numpy()
+    return sums, np.array(norms)
+
+
+def clip_between(norms):
+    """A clipping norm that some examples exceed and some do not."""
+    clip = float(np.median(norms))
+    assert (norms > clip * 1.001).any() and (norms < clip * 0.999).any()
+    return clip
+
+
+def assert_sums_close(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5 * max(1.0, np.abs(w).max()))
+
+
+def data(shape, classes, n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, *shape)).astype(np.float32), rng.integers(0, classes, n)
+
+
+def dense_model():
+    return keras.Sequential([keras.layers.InputLayer(input_shape=(6,)),
+                             keras.layers.Dense(5, activation="tanh"),
+                             keras.layers.Dense(3, activation="softmax")])
+
+
+def conv_model():
+    # valid padding, a stride, no bias on one layer, a frozen layer, a non-square kernel.
+    frozen = keras.layers.Conv2D(3, 1, activation="relu")
+    model = keras.Sequential([keras.layers.InputLayer(input_shape=(9, 9, 2)),
+                              keras.layers.Conv2D(4, (3, 2), strides=2, padding="valid", activation="tanh"),
+                              frozen,
+                              keras.layers.Conv2D(5, 3, padding="same", use_bias=False, activation="relu"),
+                              keras.layers.Flatten(),
+                              keras.layers.Dense(4, activation="softmax")])
+    frozen.trainable = False
+    return model
+
+
+def pooling_model():
+    return keras.Sequential([keras.layers.InputLayer(input_shape=(10, 10, 1)),
+                             keras.layers.Conv2D(4, 3, padding="same"),
+                             keras.layers.Activation("elu"),
+                             keras.layers.AveragePooling2D(2),
+                             keras.layers.Conv2D(6, 3, padding="same", activation="sigmoid"),
+                             keras.layers.MaxPooling2D(2, padding="same"),
+                             keras.layers.Dropout(0.5),
+                             keras.layers.Flatten(),
+                             keras.layers.Dense(8, activation="relu"),
+                             keras.layers.Dense(3),
+                             keras.layers.Softmax()])
+
+
+CASES = {
+    "dense": (dense_model, (6,), 3),
+    "conv": (conv_model, (9, 9, 2), 4),
+    "pooling": (pooling_model, (10, 10, 1), 3),
+    "cnn28": (lambda: build_model((28, 28, 1), 10), (28, 28, 1), 10),
+    "binary16": (lambda: build_model((16, 16, 1), 2), (16, 16, 1), 2),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_clipped_sum_equals_naive_loop(name):
+    make, shape, classes = CASES[name]
+    tf.random.set_seed(1)
+    model = make()
+    x, y = data(shape, classes)
+    _, norms = naive_clipped_sum(model, x, y, 1.0)
+    clip = clip_between(norms)
+    want, _ = naive_clipped_sum(model, x, y, clip)
+    engine = DPSGDEngine(model, l2_norm_clip=clip, noise_multiplier=1.0, learning_rate=0.1, seed=0)
+    assert engine.fast_path
+    assert_sums_close(engine.clipped_gradient_sum(x, y), want)
+
+
+def test_ghost_norm_conv_layer_equals_naive_loop():
+    # Small spatial size, many channels: the planner picks the ghost norm for the 2nd conv.
+    tf.random.set_seed(2)
+    model = keras.Sequential([keras.layers.InputLayer(input_shape=(4, 4, 8)),
+                              keras.layers.Conv2D(32, 3, padding="same", activation="tanh"),
+                              keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="tanh"),
+                              keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])
+    x, y = data((4, 4, 8), 3, n=10)
+    _, norms = naive_clipped_sum(model, x, y, 1.0)
+    clip = clip_between(norms)
+    want, _ = naive_clipped_sum(model, x, y, clip)
+    engine = DPSGDEngine(model, l2_norm_clip=clip, noise_multiplier=1.0, learning_rate=0.1, seed=0)
+    assert [p.ghost for p in engine._plan if p.kind == "conv"] == [True, True]
+    assert_sums_close(engine.clipped_gradient_sum(x, y), want)
+
+
+def test_xla_padded_path_equals_naive_loop():
+    tf.random.set_seed(3)
+    model = build_model((16, 16, 1), 2)
+    x, y = data((16, 16, 1), 2, n=10)
+    _, norms = naive_clipped_sum(model, x, y, 1.0)
+    clip = clip_between(norms)
+    want, _ = naive_clipped_sum(model, x, y, clip)
+    engine = DPSGDEngine(model, l2_norm_clip=clip, noise_multiplier=1.0, learning_rate=0.1, seed=0,
+                         jit_compile=True)
+    assert_sums_close(engine.clipped_gradient_sum(x, y), want)
+    stats = engine.train(x, y, sampling_rate=0.5, steps=3)
+    assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
+    assert len(stats.batch_sizes) == 3
+
+
+def test_matches_tensorflow_privacy_vectorized_optimizer():
+    """tf-privacy with noise 0 returns the clipped MEAN over the batch: times n is our sum."""
+    _, dp_vectorized, _ = tf_privacy()
+    tf.random.set_seed(4)
+    model = build_model((16, 16, 1), 3)
+    x, y = data((16, 16, 1), 3, n=8)
+    _, norms = naive_clipped_sum(model, x, y, 1.0)
+    clip = clip_between(norms)
+    opt = dp_vectorized.VectorizedDPKerasSGDOptimizer(l2_norm_clip=clip, noise_multiplier=0.0,
+                                                      learning_rate=1.0)
+    grads_and_vars = opt._compute_gradients(lambda: per_example_loss(y, model(x, training=False)),
+                                            model.trainable_variables)
+    want = [g.numpy() * len(x) for g, _ in grads_and_vars]
+    engine = DPSGDEngine(model, l2_norm_clip=clip, noise_multiplier=1.0, learning_rate=0.1, seed=0)
+    assert_sums_close(engine.clipped_gradient_sum(x, y), want)
+
+
+def test_unsupported_layer_uses_slow_path_and_is_exact(caplog, monkeypatch):
+    monkeypatch.setattr(dp_sgd, "_warned", set())  # the warning is once per process
+    tf.random.set_seed(5)
+    model = keras.Sequential([keras.layers.InputLayer(input_shape=(8, 8, 1)),
+                              keras.layers.Conv2D(4, 3, activation="tanh"),
+                              keras.layers.LayerNormalization(),
+                              keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])
+    x, y = data((8, 8, 1), 3, n=10)
+    _, norms = naive_clipped_sum(model, x, y, 1.0)
+    clip = clip_between(norms)
+    want, _ = naive_clipped_sum(model, x, y, clip)
+    with caplog.at_level(logging.WARNING, logger="common.dp_sgd"):
+        engine = DPSGDEngine(model, l2_norm_clip=clip, noise_multiplier=1.0, learning_rate=0.1, seed=0)
+    assert not engine.fast_path
+    assert any("LayerNormalization" in r.getMessage() for r in caplog.records)
+    assert_sums_close(engine.clipped_gradient_sum(x, y), want)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    engine.train(x, y, sampling_rate=0.5, steps=2)
+    after = [v.numpy() for v in model.trainable_variables]
+    assert all(np.isfinite(a).all() for a in after)
+    assert any(not np.array_equal(a, b) for a, b in zip(after, before))
+
+
+def test_noise_has_std_sigma_c_over_expected_batch():
+    """With q = 1 every example is drawn: update minus noise-free update is lr * noise / n."""
+    tf.random.set_seed(6)
+    model = keras.Sequential([keras.layers.InputLayer(input_shape=(200,)),
+                              keras.layers.Dense(100, activation="tanh"),
+                              keras.layers.Dense(2, activation="softmax")])
+    x, y = data((200,), 2, n=16)
+    clip, sigma, lr = 0.5, 2.0, 0.1
+    engine = DPSGDEngine(model, l2_norm_clip=clip, noise_multiplier=sigma, learning_rate=lr, seed=7)
+    clean = engine.clipped_gradient_sum(x, y)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    stats = engine.train(x, y, sampling_rate=1.0, steps=1)
+    assert stats.batch_sizes == [16]
+    residual = np.concatenate([(a.numpy() - b + lr * c / 16).ravel()
+                               for a, b, c in zip(model.trainable_variables, before, clean)])
+    want = sigma * clip * lr / 16
+    assert residual.size > 20000
+    assert abs(residual.std() / want - 1) < 0.03
+    assert abs(residual.mean()) < 0.03 * want
+
+
+def test_divides_by_expected_not_drawn_batch_size():
+    """Identical examples: the update is lr * k * clipped_grad / (q n) for the drawn k."""
+    tf.random.set_seed(8)
+    model = dense_model()
+    x = np.tile(np.linspace(-1, 1, 6, dtype=np.float32), (40, 1))
+    y = np.full(40, 2)
+    lr, q = 0.5, 0.25
+    engine = DPSGDEngine(model, l2_norm_clip=0.01, noise_multiplier=0.0, learning_rate=lr, seed=9)
+    one = engine.clipped_gradient_sum(x[:1], y[:1])
+    assert np.sqrt(sum((g ** 2).sum() for g in one)) == pytest.approx(0.01, rel=1e-4)  # clipped
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    stats = engine.train(x, y, sampling_rate=q, steps=1)
+    k = stats.batch_sizes[0]
+    assert k != q * 40  # the draw differs from its expectation for this seed
+    for v, b, g in zip(model.trainable_variables, before, one):
+        np.testing.assert_allclose(v.numpy() - b, -lr * k * g / (q * 40), rtol=1e-4, atol=1e-7)
+
+
+def test_momentum_matches_keras_legacy_sgd():
+    tf.random.set_seed(10)
+    model = dense_model()
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    x, y = data((6,), 3, n=8)
+    engine = DPSGDEngine(model, l2_norm_clip=0.3, noise_multiplier=0.0, learning_rate=0.2,
+                         momentum=0.9, seed=0)
+    ref_engine = DPSGDEngine(reference, l2_norm_clip=0.3, noise_multiplier=0.0, learning_rate=0.2, seed=0)
+    opt = keras.optimizers.legacy.SGD(learning_rate=0.2, momentum=0.9)
+    for _ in range(3):
+        grads = [tf.constant(g / 8) for g in ref_engine.clipped_gradient_sum(x, y)]
+        opt.apply_gradients(zip(grads, reference.trainable_variables))
+        engine.train(x, y, sampling_rate=1.0, steps=1)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_poisson_batch_sizes_and_no_retrace():
+    tf.random.set_seed(11)
+    model = dense_model()
+    x, y = data((6,), 3, n=200)
+    n, q = 200, 0.1
+    engine = DPSGDEngine(model, l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.05, seed=12)
+    stats = engine.train(x, y, sampling_rate=q, steps=300)
+    sizes = np.array(stats.batch_sizes)
+    assert stats.steps == 300 and len(sizes) == 300
+    assert abs(sizes.mean() - n * q) < 1.0
+    assert 0.7 < sizes.var() / (n * q * (1 - q)) < 1.3
+    assert len(set(sizes)) > 10
+    assert np.isfinite(stats.mean_loss) and stats.seconds > 0
+    (step,) = [f["step"] for f in engine._functions.values()]
+    assert step.experimental_get_tracing_count() == 1  # no retrace per batch size
+
+
+def test_empty_draws_are_noise_only_steps():
+    tf.random.set_seed(13)
+    model = dense_model()
+    x, y = data((6,), 3, n=5)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    engine = DPSGDEngine(model, l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1, seed=14)
+    stats = engine.train(x, y, sampling_rate=1e-6, steps=3)
+    assert stats.batch_sizes == [0, 0, 0]
+    assert np.isnan(stats.mean_loss)
+    after = [v.numpy() for v in model.trainable_variables]
+    assert all(np.isfinite(a).all() for a in after)
+    assert any(not np.array_equal(a, b) for a, b in zip(after, before))  # noise was added
+
+
+def _train_copy(weights, seed):
+    model = dense_model()
+    model.set_weights(weights)
+    x, y = data((6,), 3, n=30)
+    stats = DPSGDEngine(model, l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1,
+                        seed=seed).train(x, y, sampling_rate=0.2, steps=4)
+    return model.get_weights(), stats.batch_sizes
+
+
+def test_seed_reproduces_and_none_is_unpredictable():
+    weights = dense_model().get_weights()
+    a, sizes_a = _train_copy(weights, 21)
+    b, sizes_b = _train_copy(weights, 21)
+    assert sizes_a == sizes_b
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    c, _ = _train_copy(weights, None)
+    d, _ = _train_copy(weights, None)
+    assert not all(np.array_equal(u, v) for u, v in zip(c, d))
+    assert all(np.isfinite(u).all() for u in a + c + d)
+
+
+def test_training_changes_weights_and_lowers_loss_without_noise():
+    tf.random.set_seed(15)
+    model = build_model((16, 16, 1), 2)
+    x, y = data((16, 16, 1), 2, n=32)
+    engine = DPSGDEngine(model, l2_norm_clip=10.0, noise_multiplier=0.0, learning_rate=0.05, seed=16)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    first = engine.train(x, y, sampling_rate=0.5, steps=20).mean_loss
+    last = engine.train(x, y, sampling_rate=0.5, steps=20).mean_loss
+    assert last < first
+    after = [v.numpy() for v in model.trainable_variables]
+    assert all(np.isfinite(a).all() and not np.array_equal(a, b) for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"l2_norm_clip": 0.0}, {"l2_norm_clip": float("nan")}, {"noise_multiplier": -1.0},
+    {"learning_rate": 0.0}, {"momentum": 1.0},
+])
+def test_bad_arguments_are_refused(kwargs):
+    args = {"l2_norm_clip": 1.0, "noise_multiplier": 1.0, "learning_rate": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        DPSGDEngine(dense_model(), **args)
+
+
+@pytest.mark.parametrize("q, steps", [(0.0, 1), (1.5, 1), (0.1, -1)])
+def test_bad_train_arguments_are_refused(q, steps):
+    engine = DPSGDEngine(dense_model(), l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1)
+    x, y = data((6,), 3, n=5)
+    with pytest.raises(ValueError):
+        engine.train(x, y, sampling_rate=q, steps=steps)

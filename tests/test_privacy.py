@@ -1,0 +1,73 @@
+"""Accounting and the hospital's odometer: dp-accounting figures, restarts, budgets."""
+import math
+import warnings
+
+import dp_accounting
+import pytest
+
+from client.odometer import PrivacyOdometer
+from common.errors import UserError
+from common.privacy import PrivacyEvent, epsilon, sampling_rate_for, steps_for
+from common.tf_setup import tf_privacy
+
+
+def _pld(q, sigma, steps, delta):
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return dp_accounting.pld.PLDAccountant().compose(event).get_epsilon(delta)
+
+
+def test_epsilon_matches_dp_accounting_and_tf_privacy_statement():
+    q, sigma, epochs, n, delta = 0.02, 1.1, 5, 5000, 1e-5
+    steps = steps_for(epochs, q)
+    assert steps == 250
+    ours = epsilon([PrivacyEvent(sigma, q, steps)], delta)
+    assert ours == pytest.approx(_pld(q, sigma, steps, delta), rel=1e-9)
+    # tensorflow-privacy's statement reports RDP figures; PLD is tighter but must stay close.
+    _, _, privacy_lib = tf_privacy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        statement = privacy_lib.compute_dp_sgd_privacy_statement(
+            number_of_examples=n, batch_size=int(q * n), num_epochs=epochs, noise_multiplier=sigma,
+            delta=delta, used_microbatching=False)
+    poisson_line = next(line for line in statement.splitlines() if "Poisson" in line)
+    rdp_poisson = float(poisson_line.split()[-1])
+    assert ours <= rdp_poisson * 1.001
+    assert ours >= 0.8 * rdp_poisson  # the RDP-vs-PLD gap is a few percent to ~15% here
+    assert epsilon([PrivacyEvent(sigma, q, steps)], delta, "rdp") == pytest.approx(rdp_poisson, rel=2e-3)
+
+
+def test_composition_over_rounds_equals_one_long_run():
+    rounds = [PrivacyEvent(1.0, 0.1, 10)] * 4
+    assert epsilon(rounds, 1e-5) == pytest.approx(epsilon([PrivacyEvent(1.0, 0.1, 40)], 1e-5), rel=1e-9)
+    mixed = epsilon([PrivacyEvent(1.0, 0.1, 10), PrivacyEvent(2.0, 0.05, 10)], 1e-5)
+    assert mixed > epsilon([PrivacyEvent(1.0, 0.1, 10)], 1e-5)
+
+
+def test_edges_fail_safe():
+    assert epsilon([], 1e-5) == 0.0
+    assert epsilon([PrivacyEvent(1.0, 0.1, 0)], 1e-5) == 0.0
+    assert epsilon([PrivacyEvent(0.0, 0.1, 3)], 1e-5) == math.inf
+    with pytest.raises(ValueError):
+        PrivacyEvent(1.0, 0.1, 3, sampling="shuffle")
+    assert sampling_rate_for(64, 32) == 1.0
+
+
+def test_odometer_survives_a_restart(tmp_path):
+    path = tmp_path / "odometer" / "hospital-0.jsonl"
+    first = PrivacyOdometer(path, "hospital-0", max_epsilon=5.0, delta=1e-5)
+    event = PrivacyEvent(1.2, 0.1, 20)
+    first.charge(event, run=1, round_number=1, epsilon_after=first.epsilon_after(event))
+    spent = first.spent()
+    assert spent > 0
+    again = PrivacyOdometer(path, "hospital-0", max_epsilon=5.0, delta=1e-5)  # a new process, a new run
+    assert again.spent() == pytest.approx(spent)
+    assert again.events(exclude_run=2) == [event]
+    assert again.epsilon_after(event) > spent
+
+
+def test_corrupt_odometer_refuses_to_train(tmp_path):
+    path = tmp_path / "h.jsonl"
+    path.write_text('{"noise_multiplier": 1.0, "sampling_rate": 0.1}\n')
+    with pytest.raises(UserError, match="odometer"):
+        PrivacyOdometer(path, "h", 1.0, 1e-5)
