@@ -19,6 +19,9 @@ from pathlib import Path
 
 from common.errors import UserError
 
+# Ray would otherwise warn on every start that a future release changes GPU handling.
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
@@ -63,9 +66,6 @@ def run(config, resolved: dict, out: Path) -> None:
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    from client.client_app import app as client_app
-    from server.server_app import app as server_app
-
     run_config = {"config-json": json.dumps(resolved), "run-dir": str(out), "config-path": ""}
     run_id = int.from_bytes(os.urandom(7), "big")
     flower_run = Run.create_empty(run_id=run_id)
@@ -84,8 +84,11 @@ def run(config, resolved: dict, out: Path) -> None:
     _run_simulation(
         num_supernodes=config.hospitals,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
+        # Loaded from the project directory as `flwr run` would, so each simulated
+        # hospital's context gets the run config (pyproject defaults + our overrides).
+        client_app_attr="client.client_app:app",
+        server_app_attr="server.server_app:app",
+        is_app=True,
         backend_config=backend,
         app_dir=str(ROOT),
         run=flower_run,
