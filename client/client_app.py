@@ -11,7 +11,6 @@ from flwr.clientapp import ClientApp
 
 from client.task import TrainSettings, deployment_site, evaluate_round, simulation_site, train_round
 from common.config import from_run_config
-from common.tf_setup import keras
 
 app = ClientApp()
 
@@ -26,7 +25,6 @@ def _site(context: Context):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this hospital's data with DP-SGD, within its budget."""
-    keras.backend.clear_session()
     config, site = _site(context)
     round_config = msg.content["config"]
     settings = TrainSettings(**{name: round_config[name] for name in TrainSettings.__dataclass_fields__})
@@ -61,7 +59,6 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this hospital's local held-out split (if the hospital allows it)."""
-    keras.backend.clear_session()
     config, site = _site(context)
     scores = evaluate_round(site, config, msg.content["arrays"].to_numpy_ndarrays())
     metrics = {"num-examples": 0} if scores is None else {"num-examples": len(site.eval_y), **scores}

@@ -4,6 +4,8 @@ No Flower here: client/client_app.py unpacks messages and calls these functions.
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,7 @@ class HospitalSite:
     evaluate: bool = True  # the hospital's switch for federated evaluation on its held-out split
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
     """The round's training settings, chosen by the coordinator (public)."""
 
@@ -101,10 +103,32 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     return HospitalSite(name, train_x, train_y, eval_x, eval_y, dataset.num_classes, odometer, evaluate)
 
 
-def _model(config: Config, input_shape, num_classes, weights):
-    model = build_model(input_shape, num_classes, config.model.filters, config.model.dense_units, config.model.activation)
+@functools.lru_cache(maxsize=4)
+def _trainer(input_shape, num_classes, filters, dense_units, activation, settings: "TrainSettings"):
+    """(model, engine) built once per worker process and reused every round.
+
+    Rebuilding them each round would retrace the engine's compiled step every time, which
+    costs more than a small hospital's whole round.
+    """
+    model = build_model(input_shape, num_classes, filters, dense_units, activation)
+    engine = DPSGDEngine(model, l2_norm_clip=settings.l2_norm_clip, noise_multiplier=settings.noise_multiplier,
+                         learning_rate=settings.learning_rate, momentum=settings.momentum)
+    return model, engine
+
+
+def _prepared(config: Config, input_shape, num_classes, weights, settings):
+    model, engine = _trainer(tuple(input_shape), num_classes, tuple(config.model.filters), config.model.dense_units,
+                             config.model.activation, settings)
     model.set_weights(weights)
-    return model
+    engine.reset_optimizer()  # momentum must not carry over from another round or hospital
+    return model, engine
+
+
+def _local_log(site: HospitalSite, record: dict) -> None:
+    """Append to the hospital's own training log, beside its odometer; it never leaves the node."""
+    path = site.odometer.path.with_suffix(".train-log.jsonl")
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def train_round(site: HospitalSite, config: Config, settings: TrainSettings, weights: list[np.ndarray],
@@ -123,12 +147,12 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
 
     # The charge is on disk before training starts, so no update can leave uncounted.
     site.odometer.charge(event, run_id, round_number, epsilon_after)
-    model = _model(config, site.train_x.shape[1:], site.num_classes, weights)
-    engine = DPSGDEngine(model, l2_norm_clip=settings.l2_norm_clip, noise_multiplier=settings.noise_multiplier,
-                         learning_rate=settings.learning_rate, momentum=settings.momentum)
+    model, engine = _prepared(config, site.train_x.shape[1:], site.num_classes, weights, settings)
     stats = engine.train(site.train_x, site.train_y, sampling_rate=sampling_rate, steps=event.steps)
     log.info("%s round %d: %d DP-SGD steps in %.2f s, local train loss %.4f (not released)",
              site.name, round_number, stats.steps, stats.seconds, stats.mean_loss)
+    _local_log(site, {"run": run_id, "round": round_number, "steps": stats.steps,
+                      "seconds": round(stats.seconds, 4), "train_loss": stats.mean_loss})
     can_train_again = site.odometer.epsilon_after(event) <= site.odometer.max_epsilon
     return TrainOutcome("trained", event, epsilon_after, prior, num_examples, can_train_again,
                         model.get_weights(), stats.mean_loss)
@@ -138,5 +162,5 @@ def evaluate_round(site: HospitalSite, config: Config, weights: list[np.ndarray]
     """Score the global model on the hospital's local held-out split (None when switched off or empty)."""
     if not site.evaluate or len(site.eval_y) == 0:
         return None
-    model = _model(config, site.eval_x.shape[1:], site.num_classes, weights)
+    model, _ = _prepared(config, site.eval_x.shape[1:], site.num_classes, weights, TrainSettings.from_config(config))
     return evaluate_model(model, site.eval_x, site.eval_y)

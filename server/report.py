@@ -31,7 +31,7 @@ def round_line(record: dict, total_rounds: int, latest: dict[str, dict]) -> str:
     return f"Round {record['round']}/{total_rounds} | {scores} | {_epsilons(latest)} | {record['seconds']:.1f} s"
 
 
-def summary_lines(run, latest: dict[str, dict], seconds: float) -> list[str]:
+def summary_lines(run, latest: dict[str, dict], exhausted: list[str], seconds: float) -> list[str]:
     """Final accuracy, each hospital's spend and remaining budget, who ended on budget, where files are."""
     metrics = run.read_metrics()
     lines = ["", f"Finished {len(metrics)} round(s) in {seconds:.1f} s."]
@@ -46,9 +46,8 @@ def summary_lines(run, latest: dict[str, dict], seconds: float) -> list[str]:
         for record in sorted(latest.values(), key=lambda r: (len(r["hospital"]), r["hospital"])):
             lines.append(f"  {record['hospital']}: epsilon {record['epsilon']:.3f} of {record['max_epsilon']:g}, "
                          f"{record['max_epsilon'] - record['epsilon']:.3f} left")
-        spent = [r["hospital"] for r in latest.values() if r["status"] == "budget_exhausted"]
-        if spent:
-            lines.append(f"Ended on budget (declined to train): {', '.join(sorted(spent))}")
+        if exhausted:
+            lines.append(f"Ended on budget (cannot afford another round): {', '.join(exhausted)}")
     lines.append(f"Run directory: {run.path} (config.yaml, metrics.jsonl, privacy_ledger.jsonl, model.keras, "
                  "accuracy.png, epsilon.png)")
     lines.append(f"Audit it: python -m server.audit {run.path}")

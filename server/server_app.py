@@ -7,7 +7,6 @@ line, and stop when no hospital can afford another round.
 """
 import time
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -15,7 +14,7 @@ from common.config import from_run_config, to_dict
 from common.federation import central_test_set
 from common.metrics import evaluate_model
 from common.model import build_model
-from common.tf_setup import keras, tf
+from common.tf_setup import keras
 from server.ledger import PrivacyLedger
 from server.report import round_line, summary_lines
 from server.run_dir import RunDirectory
@@ -84,5 +83,5 @@ def main(grid: Grid, context: Context) -> None:
     model.set_weights(arrays.to_numpy_ndarrays())
     model.save(run.model)
     run.plot(ledger.records)
-    for line in summary_lines(run, ledger.latest(), time.time() - started):
+    for line in summary_lines(run, ledger.latest(), strategy.exhausted(), time.time() - started):
         print(line, flush=True)

@@ -114,6 +114,10 @@ class PrivateFedAvg(FedAvg):
                 summary[key] = sum(m[key] * m["num-examples"] for m in scored) / weight
         return MetricRecord(summary)
 
+    def exhausted(self) -> list[str]:
+        """Hospitals whose budget cannot cover another round."""
+        return sorted(hospital for hospital, can in self.can_train.items() if not can)
+
     def everyone_exhausted(self, num_hospitals: int) -> bool:
         """True once every hospital has said it cannot afford another round."""
         return len(self.can_train) >= num_hospitals and not any(self.can_train.values())

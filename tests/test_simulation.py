@@ -1,0 +1,103 @@
+"""End to end through Flower's simulation engine: run directory, ledger, odometer, budgets."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dp_accounting
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--set", "hospitals=2", "--set", "train.batch_size=32", "--set", "model.filters=[8,16]",
+         "--set", "model.dense_units=16"]
+
+
+def _simulate(*args):
+    result = subprocess.run([sys.executable, "simulate.py", *SMALL, *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _recompute(records, hospital, upto_round):
+    """Epsilon from the ledger's own fields, with dp-accounting directly (not the project's code)."""
+    own = [r for r in records if r["hospital"] == hospital and r["round"] <= upto_round]
+    events = list(own[0].get("prior_events", [])) + [r for r in own if r["steps"] > 0]
+    steps = {}
+    for event in events:
+        key = (event["noise_multiplier"], event["sampling_rate"])
+        steps[key] = steps.get(key, 0) + event["steps"]
+    accountant = dp_accounting.pld.PLDAccountant()
+    for (sigma, q), count in steps.items():
+        accountant.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count))
+    return accountant.get_epsilon(own[-1]["delta"]) if steps else 0.0
+
+
+def _ledger(run):
+    return [json.loads(line) for line in (run / "privacy_ledger.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    odometer = tmp_path_factory.mktemp("odometer")
+    run = tmp_path_factory.mktemp("runs") / "first"
+    stdout = _simulate("--set", "rounds=2", "--set", f"privacy.odometer_dir={odometer}", "--out", str(run))
+    return run, stdout
+
+
+def test_two_hospitals_two_rounds_write_the_run_directory(first_run):
+    run, stdout = first_run
+    for name in ("config.yaml", "metrics.jsonl", "privacy_ledger.jsonl", "model.keras", "accuracy.png", "epsilon.png"):
+        assert (run / name).is_file(), name
+    assert "Round 1/2" in stdout and "Round 2/2" in stdout and "hospital-1" in stdout
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert all(0 <= m["accuracy"] <= 1 and m["loss"] > 0 for m in metrics)
+    from common.tf_setup import keras
+
+    model = keras.models.load_model(run / "model.keras")
+    assert model.output_shape == (None, 10)
+
+
+def test_every_ledger_epsilon_recomputes_from_its_fields(first_run):
+    run, _ = first_run
+    records = _ledger(run)
+    assert len(records) == 4 and {r["hospital"] for r in records} == {"hospital-0", "hospital-1"}
+    for record in records:
+        assert record["sampling"] == "poisson" and record["accountant"] == "pld"
+        assert record["status"] == "trained" and record["steps"] > 0
+        assert record["epsilon"] == pytest.approx(_recompute(records, record["hospital"], record["round"]), rel=1e-9)
+    assert "train_loss" not in json.dumps(records)
+    audit = subprocess.run([sys.executable, "-m", "server.audit", str(run)], cwd=ROOT, capture_output=True, text=True)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_budget_of_one_stops_early_and_a_second_run_trains_nothing(tmp_path):
+    odometer = tmp_path / "odometer"
+    cheap_rounds = ["--set", "dp.noise_multiplier=2.0", "--set", "rounds=30", "--set", "privacy.max_epsilon=1.0",
+                    "--set", f"privacy.odometer_dir={odometer}"]
+    first = tmp_path / "first"
+    stdout = _simulate(*cheap_rounds, "--out", str(first))
+    records = _ledger(first)
+    trained_rounds = {r["round"] for r in records if r["status"] == "trained"}
+    assert trained_rounds and max(r["round"] for r in records) < 30
+    assert "no hospital can afford another round" in stdout
+    assert all(r["epsilon"] <= 1.0 for r in records)
+    for record in records:
+        assert record["epsilon"] == pytest.approx(_recompute(records, record["hospital"], record["round"]), rel=1e-9)
+    spent = {r["hospital"]: r["epsilon"] for r in records}
+
+    # A restart on the same data and odometer starts from the first run's epsilon and trains nothing.
+    second = tmp_path / "second"
+    stdout = _simulate(*cheap_rounds, "--out", str(second))
+    records = _ledger(second)
+    assert all(r["status"] == "budget_exhausted" and r["steps"] == 0 for r in records)
+    assert max(r["round"] for r in records) == 1
+    for record in records:
+        assert record["prior_events"], "the first run's spend must be carried as prior_events"
+        assert record["epsilon"] == pytest.approx(spent[record["hospital"]], rel=1e-9)
+        assert record["epsilon"] == pytest.approx(_recompute(records, record["hospital"], 1), rel=1e-9)
+    assert "Ended on budget" in stdout
+    audit = subprocess.run([sys.executable, "-m", "server.audit", str(second)], cwd=ROOT, capture_output=True, text=True)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
