@@ -5,6 +5,8 @@ and from the simulation's config plus partition id in simulation; the round's tr
 settings come from the coordinator's message.
 """
 import json
+import logging
+import sys
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -13,6 +15,13 @@ from client.task import TrainSettings, deployment_site, evaluate_round, simulati
 from common.config import from_run_config
 
 app = ClientApp()
+
+# The hospital's own log (declined rounds, local training loss): shown on the SuperNode's
+# terminal in deployment; it is never sent to the coordinator.
+_handler = logging.StreamHandler(sys.stderr)
+_handler.setFormatter(logging.Formatter("%(asctime)s hospital %(message)s"))
+logging.getLogger("hospital").addHandler(_handler)
+logging.getLogger("hospital").setLevel(logging.INFO)
 
 
 def _site(context: Context):

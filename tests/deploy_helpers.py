@@ -202,6 +202,33 @@ class Deployment:
             raise AssertionError(f"{' '.join(argv)} did not finish within {timeout} s:\n{out}\n{err}") from None
         return subprocess.CompletedProcess(argv, popen.returncode, out, err)
 
+    def run_many(self, commands: list[list[str]], namespace: str | None = None, env: dict | None = None,
+                 timeout: float = 60) -> list[subprocess.CompletedProcess]:
+        """Run several short commands at once (each `flwr` call spends seconds importing)."""
+        popens = [subprocess.Popen(self._wrap(argv, namespace), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   stdin=subprocess.DEVNULL, text=True, env=env or quiet_env(), cwd=self.workdir,
+                                   start_new_session=True) for argv in commands]
+        deadline = time.monotonic() + timeout
+        results = []
+        try:
+            for argv, popen in zip(commands, popens):
+                out, err = popen.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                results.append(subprocess.CompletedProcess(argv, popen.returncode, out, err))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{' '.join(argv)} did not finish within {timeout} s") from None
+        finally:
+            for popen in popens:
+                if popen.poll() is None:
+                    _kill_tree(popen.pid)
+        return results
+
+    def port_open(self, host: str, port: int, namespace: str | None = None) -> bool:
+        """Can a TCP connection to host:port be made (from inside `namespace`)?"""
+        probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=2).close()"
+        done = subprocess.run(self._wrap([sys.executable, "-S", "-c", probe], namespace), capture_output=True,
+                              timeout=20)
+        return done.returncode == 0
+
     def close(self) -> None:
         for proc in reversed(self.procs):
             _kill_tree(proc.popen.pid)

@@ -12,12 +12,13 @@ What runs (as separate OS processes, logs in pytest's tmp dir):
 
 As root with `ip netns`, the coordinator and every SuperNode get their own network
 namespace (see tests/deploy_helpers.py); otherwise all runs on loopback and a warning says
-so. Deselect with `-m "not deploy"` (or `-k "not deploy"`). HFL_DEPLOY_LOOPBACK=1 forces
-loopback mode.
+so. Deselect these with `-m "not deploy"`; the fast tests of `python -m server.certs` at the
+end of this file are not marked. HFL_DEPLOY_LOOPBACK=1 forces loopback mode.
 """
 from __future__ import annotations
 
 import json
+import subprocess
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,9 @@ import pytest
 from server.certs import create_coordinator_certs, create_hospital_key
 from tests.deploy_helpers import REPO, Deployment, Proc, parse_json_output, quiet_env, wait_for
 
-pytestmark = pytest.mark.deploy
-
 HOSPITALS = ("h1", "h2")
 CONNECTION = "hospitals"  # the operator's name for the SuperLink in the Flower Configuration
-RUN_TIMEOUT = 420  # seconds for two rounds; about two minutes on an idle 2-core machine
+RUN_TIMEOUT = 420  # seconds for two rounds: under 2 minutes measured on a busy 2-core machine
 STARTUP_TIMEOUT = 60
 
 
@@ -88,100 +87,109 @@ def _supernode_argv(deployment: Deployment, root_ca: Path, key: Path, node_confi
     return argv
 
 
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
+def _deploy(outcome: Outcome) -> None:
+    """Start everything, refuse the intruders, run two rounds; record what happened in `outcome`."""
     from sklearn.datasets import load_digits
 
-    work = tmp_path_factory.mktemp("deploy")
-    deployment = Deployment(work)
-    outcome = Outcome(work, deployment, work / "run")
+    work, deployment = outcome.workdir, outcome.deployment
+    deployment.setup_network([*HOSPITALS, "unregistered", "wrong-ca"])
+    print(deployment.note)
+    if deployment.mode == "loopback":
+        warnings.warn(deployment.note, UserWarning, stacklevel=1)
+    coord_ns = deployment.coordinator_ns
+
+    # Coordinator: CA and server certificate for the address the hospitals use.
+    certs, other_ca = work / "certs", work / "other-ca"
+    create_coordinator_certs(certs, ["localhost"] if deployment.mode == "loopback" else [], [deployment.link_host])
+    create_coordinator_certs(other_ca, [], [deployment.link_host])  # a CA nobody should trust
+    keys = work / "keys"
+    for name in (*HOSPITALS, "unregistered", "wrong-ca"):
+        create_hospital_key(keys, name)
+
+    # Each hospital's own data: disjoint halves of the bundled digits (8x8, labels 0..9).
+    digits = load_digits()
+    images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    for index, name in enumerate(HOSPITALS):
+        _hospital_data(work / f"{name}.npz", order[index::2], images, digits.target)
+
+    outcome.procs["superlink"] = deployment.spawn(
+        "superlink", _superlink_argv(deployment, certs), namespace=coord_ns,
+        env=quiet_env({"FLWR_HOME": str(work / "home-superlink")}))
+    operator = deployment.write_flower_config(work / "home-operator", CONNECTION, certs / "ca.crt")
+
+    def flwr(*args: str, timeout: float = 60):
+        return deployment.run(["flwr", *args], namespace=coord_ns, env=operator, timeout=timeout)
+
+    def nodes():
+        listed = flwr("supernode", "ls", CONNECTION, "--format", "json")
+        result = parse_json_output(listed.stdout) if listed.stdout.strip() else {}
+        return result.get("nodes") if result.get("success") else None
+
+    wait_for(lambda: deployment.port_open(deployment.link_host, deployment.link_port, coord_ns),
+             STARTUP_TIMEOUT, 0.5, "the SuperLink to listen")
+    registering = (*HOSPITALS, "wrong-ca")  # "unregistered" is, by definition, not registered
+    results = deployment.run_many(
+        [["flwr", "supernode", "register", str(keys / f"{name}.pub"), CONNECTION, "--name", name, "--format", "json"]
+         for name in registering], namespace=coord_ns, env=operator, timeout=120)
+    for name, result in zip(registering, results):
+        registered = parse_json_output(result.stdout)
+        assert registered.get("success"), f"registering {name} failed: {registered}\n{result.stderr}"
+        outcome.node_ids[name] = str(registered["node-id"])
+
+    for name in HOSPITALS:
+        node_config = (f'hospital-id="{name}" data-source="npz" data-path="{work / name}.npz" '
+                       f'max-epsilon=8.0 delta=1e-5 odometer-path="{work / name}-odometer.jsonl"')
+        outcome.odometers[name] = work / f"{name}-odometer.jsonl"
+        outcome.procs[name] = deployment.spawn(
+            name, _supernode_argv(deployment, certs / "ca.crt", keys / f"{name}.key", node_config),
+            namespace=deployment.node_ns.get(name), env=quiet_env({"FLWR_HOME": str(work / f"home-{name}")}))
+    intruders = {
+        "unregistered": _supernode_argv(deployment, certs / "ca.crt", keys / "unregistered.key", give_up=True),
+        "wrong-ca": _supernode_argv(deployment, other_ca / "ca.crt", keys / "wrong-ca.key", give_up=True),
+    }
+    for name, argv in intruders.items():
+        outcome.procs[name] = deployment.spawn(name, argv, namespace=deployment.node_ns.get(name),
+                                               env=quiet_env({"FLWR_HOME": str(work / f"home-{name}")}))
+
+    started = flwr("run", str(REPO), CONNECTION, "--format", "json", "--run-config",
+                   f'run-dir="{outcome.run_dir}" config-path="configs/deploy-test.yaml"', timeout=120)
+    run_id = parse_json_output(started.stdout).get("run-id")
+    assert run_id, f"flwr run did not start a run:\n{started.stdout}\n{started.stderr}"
+
+    for name in intruders:
+        proc: Proc = outcome.procs[name]
+        wait_for(lambda p=proc: not p.alive(), 90, 1, f"the {name} SuperNode to give up")
+        outcome.intruders[name] = (proc.popen.returncode, proc.text())
+
+    def finished():
+        listed = parse_json_output(flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json").stdout)
+        status = listed["runs"][0]["status"] if listed.get("runs") else ""
+        outcome.status = status
+        return status.startswith("finished")
+
     try:
-        deployment.setup_network([*HOSPITALS, "unregistered", "wrong-ca"])
-        print(deployment.note)
-        if deployment.mode == "loopback":
-            warnings.warn(deployment.note, UserWarning, stacklevel=1)
-        coord_ns = deployment.coordinator_ns
-
-        # Coordinator: CA and server certificate for the address the hospitals use.
-        certs, other_ca = work / "certs", work / "other-ca"
-        create_coordinator_certs(certs, ["localhost"] if deployment.mode == "loopback" else [], [deployment.link_host])
-        create_coordinator_certs(other_ca, [], [deployment.link_host])  # a CA nobody should trust
-        keys = work / "keys"
-        for name in (*HOSPITALS, "unregistered", "wrong-ca"):
-            create_hospital_key(keys, name)
-
-        # Each hospital's own data: disjoint halves of the bundled digits (8x8, labels 0..9).
-        digits = load_digits()
-        images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
-        order = np.random.default_rng(0).permutation(len(digits.target))
-        for index, name in enumerate(HOSPITALS):
-            _hospital_data(work / f"{name}.npz", order[index::2], images, digits.target)
-
-        outcome.procs["superlink"] = deployment.spawn(
-            "superlink", _superlink_argv(deployment, certs), namespace=coord_ns,
-            env=quiet_env({"FLWR_HOME": str(work / "home-superlink")}))
-        operator = deployment.write_flower_config(work / "home-operator", CONNECTION, certs / "ca.crt")
-
-        def flwr(*args: str, timeout: float = 60):
-            return deployment.run(["flwr", *args], namespace=coord_ns, env=operator, timeout=timeout)
-
-        def nodes():
-            listed = flwr("supernode", "ls", CONNECTION, "--format", "json")
-            result = parse_json_output(listed.stdout) if listed.stdout.strip() else {}
-            return result.get("nodes") if result.get("success") else None
-
-        wait_for(lambda: nodes() is not None, STARTUP_TIMEOUT, 1, "the SuperLink's Control API")
-        for name in (*HOSPITALS, "wrong-ca"):  # "unregistered" is, by definition, not registered
-            registered = parse_json_output(flwr("supernode", "register", str(keys / f"{name}.pub"), CONNECTION,
-                                                "--name", name, "--format", "json").stdout)
-            assert registered.get("success"), f"registering {name} failed: {registered}"
-            outcome.node_ids[name] = str(registered["node-id"])
-
-        for name in HOSPITALS:
-            node_config = (f'hospital-id="{name}" data-source="npz" data-path="{work / name}.npz" '
-                           f'max-epsilon=8.0 delta=1e-5 odometer-path="{work / name}-odometer.jsonl"')
-            outcome.odometers[name] = work / f"{name}-odometer.jsonl"
-            outcome.procs[name] = deployment.spawn(
-                name, _supernode_argv(deployment, certs / "ca.crt", keys / f"{name}.key", node_config),
-                namespace=deployment.node_ns.get(name), env=quiet_env({"FLWR_HOME": str(work / f"home-{name}")}))
-        intruders = {
-            "unregistered": _supernode_argv(deployment, certs / "ca.crt", keys / "unregistered.key", give_up=True),
-            "wrong-ca": _supernode_argv(deployment, other_ca / "ca.crt", keys / "wrong-ca.key", give_up=True),
-        }
-        for name, argv in intruders.items():
-            outcome.procs[name] = deployment.spawn(name, argv, namespace=deployment.node_ns.get(name),
-                                                   env=quiet_env({"FLWR_HOME": str(work / f"home-{name}")}))
-
-        def both_online():
-            listed = nodes() or []
-            return sum(node.get("status") == "online" for node in listed) >= len(HOSPITALS)
-
-        wait_for(both_online, STARTUP_TIMEOUT, 1, "both hospitals' SuperNodes to come online")
-
-        started = flwr("run", str(REPO), CONNECTION, "--format", "json", "--run-config",
-                       f'run-dir="{outcome.run_dir}" config-path="configs/deploy-test.yaml"', timeout=120)
-        run_id = parse_json_output(started.stdout).get("run-id")
-        assert run_id, f"flwr run did not start a run:\n{started.stdout}\n{started.stderr}"
-
-        for name in intruders:
-            proc: Proc = outcome.procs[name]
-            wait_for(lambda p=proc: not p.alive(), 90, 1, f"the {name} SuperNode to give up")
-            outcome.intruders[name] = (proc.popen.returncode, proc.text())
-        outcome.nodes = nodes() or []
-
-        def finished():
-            listed = parse_json_output(flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json").stdout)
-            status = listed["runs"][0]["status"] if listed.get("runs") else ""
-            outcome.status = status
-            return status.startswith("finished")
-
+        wait_for(finished, RUN_TIMEOUT, 3, f"run {run_id} to finish")
+    finally:
         try:
-            wait_for(finished, RUN_TIMEOUT, 3, f"run {run_id} to finish")
-        finally:
             outcome.run_log = flwr("log", str(run_id), CONNECTION, "--show", timeout=60).stdout
+        except AssertionError as error:  # keep the original failure visible
+            outcome.run_log = str(error)
+    outcome.nodes = nodes() or []  # h1 and h2 are still connected; the intruders never were
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    work = tmp_path_factory.mktemp("deploy")
+    outcome = Outcome(work, Deployment(work), work / "run")
+    try:
+        try:
+            _deploy(outcome)
+        except (AssertionError, subprocess.SubprocessError, OSError) as error:
+            raise AssertionError(f"{error}\n{outcome.logs()}") from None
         yield outcome
     finally:
-        deployment.close()
+        outcome.deployment.close()
 
 
 def _ledger(run_dir: Path) -> list[dict]:
@@ -190,6 +198,7 @@ def _ledger(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.deploy
 def test_deploy_two_hospitals_two_rounds_over_tls(deployed):
     assert deployed.status == "finished:completed", deployed.logs()
     records = _ledger(deployed.run_dir)
@@ -211,6 +220,7 @@ def test_deploy_two_hospitals_two_rounds_over_tls(deployed):
     assert model.predict(np.zeros((1, *model.input_shape[1:]), np.float32), verbose=0).shape == (1, 10)
 
 
+@pytest.mark.deploy
 def test_deploy_refuses_unregistered_supernode(deployed):
     code, log = deployed.intruders["unregistered"]
     assert code not in (0, None), deployed.logs()
@@ -220,6 +230,7 @@ def test_deploy_refuses_unregistered_supernode(deployed):
     assert "No SuperNode found with the given public key" in superlink_log, superlink_log[-3000:]
 
 
+@pytest.mark.deploy
 def test_deploy_refuses_supernode_that_does_not_trust_the_ca(deployed):
     code, log = deployed.intruders["wrong-ca"]
     assert code not in (0, None), deployed.logs()
@@ -229,3 +240,84 @@ def test_deploy_refuses_supernode_that_does_not_trust_the_ca(deployed):
     statuses = {names.get(node["node-id"], node["node-id"]): node["status"] for node in deployed.nodes}
     assert statuses.get("wrong-ca") == "registered", statuses
     assert sorted(n for n, s in statuses.items() if s == "online") == sorted(HOSPITALS), statuses
+
+
+# --------------------------------------------------------------------------- server.certs
+
+def _certs_cli(*args: str) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "server.certs", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+
+
+def test_certs_coordinator_files_sans_and_modes(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    done = _certs_cli("--out", str(tmp_path / "c"), "--host", "coord.example.org", "--ip", "10.1.2.3", "--days", "30")
+    assert done.returncode == 0, done.stderr
+    assert "ca.crt" in done.stdout and "every hospital" in done.stdout
+    out = tmp_path / "c"
+    assert sorted(p.name for p in out.iterdir()) == ["ca.crt", "ca.key", "server.crt", "server.key"]
+    for key in ("ca.key", "server.key"):
+        assert (out / key).stat().st_mode & 0o777 == 0o600, key
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["coord.example.org"]  # no localhost unless asked
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    assert 29 <= (server.not_valid_after_utc - server.not_valid_before_utc).days <= 31
+    assert isinstance(server.public_key(), ec.EllipticCurvePublicKey)
+
+
+def test_certs_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "c"
+    assert _certs_cli("--out", str(out), "--ip", "127.0.0.1").returncode == 0
+    before = (out / "ca.crt").read_bytes()
+    again = _certs_cli("--out", str(out), "--ip", "127.0.0.1")
+    assert again.returncode == 1
+    assert len(again.stderr.strip().splitlines()) == 1 and "refusing to overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert (out / "ca.crt").read_bytes() == before
+
+
+@pytest.mark.parametrize("args", [
+    ["--out", "X"],  # no --host or --ip
+    ["--out", "X", "--ip", "300.1.1.1"],
+    ["--out", "X", "--host", "bad_name!"],
+    ["--out", "X", "--host", "10.0.0.1"],  # an address given as a name
+    ["--out", "X", "--ip", "10.0.0.1", "--days", "0"],
+    ["--out", "X", "--ip", "10.0.0.1", "--days", "many"],
+    ["--ip", "10.0.0.1"],  # no --out
+    ["hospital-key", "--out", "X"],  # no --name
+    ["hospital-key", "--out", "X", "--name", "../escape"],
+])
+def test_certs_argument_errors_are_one_line_exit_2(tmp_path, args):
+    args = [str(tmp_path / "out") if a == "X" else a for a in args]
+    done = _certs_cli(*args)
+    assert done.returncode == 2, (args, done.stdout, done.stderr)
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "out").exists()  # nothing written on a refused command
+
+
+def test_certs_hospital_key_is_what_flower_loads(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    done = _certs_cli("hospital-key", "--out", str(tmp_path), "--name", "hospital-1")
+    assert done.returncode == 0, done.stderr
+    assert "hospital-1.pub" in done.stdout and "flwr supernode register" in done.stdout
+    private_path, public_path = tmp_path / "hospital-1.key", tmp_path / "hospital-1.pub"
+    assert private_path.stat().st_mode & 0o777 == 0o600
+    # The same loaders flower-supernode and `flwr supernode register` use.
+    private = load_ssh_private_key(private_path.read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert try_load_public_key(public_path) == public_key_to_bytes(private.public_key())
+    again = _certs_cli("hospital-key", "--out", str(tmp_path), "--name", "hospital-1")
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr
