@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory and accuracy figures recorded in BENCHMARKS.md."""
