@@ -76,7 +76,7 @@ def run(config, resolved: dict, out: Path) -> None:
     server_context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     cpus = os.cpu_count() or 1
     backend = {
-        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False},
+        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False},
         "client_resources": {"num_cpus": config.simulation.cpus_per_client, "num_gpus": 0.0},
     }
     # Flower's own log repeats what our round lines say; keep its warnings and errors.
