@@ -51,6 +51,7 @@ def train(msg: Message, context: Context) -> Message:
         "steps": outcome.event.steps,
         "budget-exhausted": int(outcome.status == "budget_exhausted"),
         "can-train-again": int(outcome.can_train_again),
+        "epsilon-needed": outcome.epsilon_needed,
     })
     privacy = ConfigRecord({
         "hospital": site.name,

@@ -65,6 +65,7 @@ class TrainOutcome:
     prior_events: list[PrivacyEvent]  # spend on this data before this run
     num_examples: int
     can_train_again: bool  # would one more identical round still fit the budget?
+    epsilon_needed: float = 0.0  # what the round would have cost in total (public: from public parameters)
     weights: list[np.ndarray] | None = None
     train_loss: float = field(default=float("nan"))  # stays local: not differentially private
 
@@ -135,6 +136,9 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
                 run_id: int, round_number: int) -> TrainOutcome:
     """Check the budget, charge the odometer durably, then train with DP-SGD."""
     num_examples = len(site.train_y)
+    if num_examples < settings.batch_size:
+        raise UserError(f"{site.name} holds {num_examples} training examples, fewer than one batch "
+                        f"({settings.batch_size}): lower train.batch_size or add data")
     sampling_rate = sampling_rate_for(settings.batch_size, num_examples)
     event = PrivacyEvent(settings.noise_multiplier, sampling_rate, steps_for(settings.local_epochs, sampling_rate))
     prior = site.odometer.events(exclude_run=run_id)
@@ -143,7 +147,8 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
         log.info("%s declines round %d: epsilon would reach %.3f > budget %.3f",
                  site.name, round_number, epsilon_after, site.odometer.max_epsilon)
         declined = PrivacyEvent(settings.noise_multiplier, sampling_rate, 0)
-        return TrainOutcome("budget_exhausted", declined, site.odometer.spent(), prior, num_examples, False)
+        return TrainOutcome("budget_exhausted", declined, site.odometer.spent(), prior, num_examples, False,
+                            epsilon_needed=epsilon_after)
 
     # The charge is on disk before training starts, so no update can leave uncounted.
     site.odometer.charge(event, run_id, round_number, epsilon_after)
@@ -155,7 +160,7 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
                       "seconds": round(stats.seconds, 4), "train_loss": stats.mean_loss})
     can_train_again = site.odometer.epsilon_after(event) <= site.odometer.max_epsilon
     return TrainOutcome("trained", event, epsilon_after, prior, num_examples, can_train_again,
-                        model.get_weights(), stats.mean_loss)
+                        epsilon_after, model.get_weights(), stats.mean_loss)
 
 
 def evaluate_round(site: HospitalSite, config: Config, weights: list[np.ndarray]) -> dict | None:

@@ -31,7 +31,7 @@ def round_line(record: dict, total_rounds: int, latest: dict[str, dict]) -> str:
     return f"Round {record['round']}/{total_rounds} | {scores} | {_epsilons(latest)} | {record['seconds']:.1f} s"
 
 
-def summary_lines(run, latest: dict[str, dict], exhausted: list[str], seconds: float) -> list[str]:
+def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_at: dict[str, float], seconds: float) -> list[str]:
     """Final accuracy, each hospital's spend and remaining budget, who ended on budget, where files are."""
     metrics = run.read_metrics()
     lines = ["", f"Finished {len(metrics)} round(s) in {seconds:.1f} s."]
@@ -48,6 +48,11 @@ def summary_lines(run, latest: dict[str, dict], exhausted: list[str], seconds: f
                          f"{record['max_epsilon'] - record['epsilon']:.3f} left")
         if exhausted:
             lines.append(f"Ended on budget (cannot afford another round): {', '.join(exhausted)}")
+        if declined_at:
+            hospital, needed = min(declined_at.items(), key=lambda item: item[1])
+            lines.append(f"  {len(declined_at)} hospital(s) declined; the cheapest, {hospital}, would have reached "
+                         f"epsilon {needed:.3f} > {latest[hospital]['max_epsilon']:g}. To train within the budget, "
+                         "raise dp.noise_multiplier or lower train.local_epochs.")
     lines.append(f"Run directory: {run.path} (config.yaml, metrics.jsonl, privacy_ledger.jsonl, model.keras, "
                  "accuracy.png, epsilon.png)")
     lines.append(f"Audit it: python -m server.audit {run.path}")

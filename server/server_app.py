@@ -83,5 +83,5 @@ def main(grid: Grid, context: Context) -> None:
     model.set_weights(arrays.to_numpy_ndarrays())
     model.save(run.model)
     run.plot(ledger.records)
-    for line in summary_lines(run, ledger.latest(), strategy.exhausted(), time.time() - started):
+    for line in summary_lines(run, ledger.latest(), strategy.exhausted(), strategy.declined_at, time.time() - started):
         print(line, flush=True)

@@ -41,6 +41,7 @@ class PrivateFedAvg(FedAvg):
         self.ledger = ledger
         self.reference: list[np.ndarray] = []  # the global weights sent this round
         self.can_train: dict[str, bool] = {}  # each hospital's last word on its budget
+        self.declined_at: dict[str, float] = {}  # epsilon a declined round would have reached
         self.round_evaluation: dict[str, dict] = {}  # per-hospital federated evaluation scores
 
     def configure_train(self, server_round, arrays, config, grid):
@@ -63,6 +64,7 @@ class PrivateFedAvg(FedAvg):
             self._record(server_round, hospital, metrics, privacy)
             self.can_train[hospital] = bool(metrics["can-train-again"])
             if not trained:
+                self.declined_at[hospital] = float(metrics["epsilon-needed"])
                 continue
             problem = reply_problem(content, self.reference)
             if problem:
