@@ -11,7 +11,7 @@ import sys
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.task import TrainSettings, deployment_site, evaluate_round, simulation_site, train_round
+from client.task import TrainSettings, deployment_site, evaluate_round, plan_summary, simulation_site, train_round
 from common.config import from_run_config
 
 app = ClientApp()
@@ -31,12 +31,24 @@ def _site(context: Context):
     return config, simulation_site(config, int(context.node_config["partition-id"]))
 
 
+def _settings(round_config) -> TrainSettings:
+    return TrainSettings(**{name: round_config[name] for name in TrainSettings.__dataclass_fields__})
+
+
+@app.query()
+def plan(msg: Message, context: Context) -> Message:
+    """Before round 1: the hospital's privacy plan for this run (public numbers only)."""
+    config, site = _site(context)
+    summary = plan_summary(site, _settings(msg.content["config"]), context.run_id)
+    return Message(content=RecordDict({"plan": ConfigRecord({"hospital": site.name, **summary})}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this hospital's data with DP-SGD, within its budget."""
     config, site = _site(context)
     round_config = msg.content["config"]
-    settings = TrainSettings(**{name: round_config[name] for name in TrainSettings.__dataclass_fields__})
+    settings = _settings(round_config)
     weights = msg.content["arrays"].to_numpy_ndarrays()
     outcome = train_round(site, config, settings, weights, context.run_id, int(round_config["server-round"]))
 

@@ -21,7 +21,8 @@ from common.federation import load_federation
 from common.metrics import evaluate_model
 from common.model import build_model
 from common.partition import holdout_split
-from common.privacy import PrivacyEvent, sampling_rate_for, steps_for
+from common.privacy import (MAX_USEFUL_NOISE, NoisePlan, PrivacyEvent, epsilon, plan_noise, sampling_rate_for,
+                            steps_for)
 
 log = logging.getLogger("hospital")
 
@@ -49,12 +50,13 @@ class TrainSettings:
     learning_rate: float
     momentum: float
     l2_norm_clip: float
-    noise_multiplier: float
+    noise_multiplier: float | str  # a number, or "auto": the hospital plans its own (client-side)
+    planned_rounds: int  # rounds the coordinator plans for this run; "auto" pays for all of them
 
     @classmethod
     def from_config(cls, config: Config) -> "TrainSettings":
         return cls(config.train.batch_size, config.train.local_epochs, config.train.learning_rate,
-                   config.train.momentum, config.dp.l2_norm_clip, config.dp.noise_multiplier)
+                   config.train.momentum, config.dp.l2_norm_clip, config.dp.noise_multiplier, config.rounds)
 
 
 @dataclass
@@ -105,21 +107,22 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
 
 
 @functools.lru_cache(maxsize=4)
-def _trainer(input_shape, num_classes, filters, dense_units, activation, settings: "TrainSettings"):
+def _trainer(input_shape, num_classes, filters, dense_units, activation, l2_norm_clip, learning_rate, momentum):
     """(model, engine) built once per worker process and reused every round.
 
     Rebuilding them each round would retrace the engine's compiled step every time, which
-    costs more than a small hospital's whole round.
+    costs more than a small hospital's whole round. The noise multiplier is not part of the
+    key: it is set per hospital and round (planned noise differs between hospitals).
     """
     model = build_model(input_shape, num_classes, filters, dense_units, activation)
-    engine = DPSGDEngine(model, l2_norm_clip=settings.l2_norm_clip, noise_multiplier=settings.noise_multiplier,
-                         learning_rate=settings.learning_rate, momentum=settings.momentum)
+    engine = DPSGDEngine(model, l2_norm_clip=l2_norm_clip, noise_multiplier=0.0,
+                         learning_rate=learning_rate, momentum=momentum)
     return model, engine
 
 
 def _prepared(config: Config, input_shape, num_classes, weights, settings):
     model, engine = _trainer(tuple(input_shape), num_classes, tuple(config.model.filters), config.model.dense_units,
-                             config.model.activation, settings)
+                             config.model.activation, settings.l2_norm_clip, settings.learning_rate, settings.momentum)
     model.set_weights(weights)
     engine.reset_optimizer()  # momentum must not carry over from another round or hospital
     return model, engine
@@ -132,28 +135,83 @@ def _local_log(site: HospitalSite, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def _check_batch(site: HospitalSite, settings: TrainSettings) -> None:
+    if len(site.train_y) < settings.batch_size:
+        raise UserError(f"{site.name} holds {len(site.train_y)} training examples, fewer than one batch "
+                        f"({settings.batch_size}): lower train.batch_size or add data")
+
+
+def noise_plan(site: HospitalSite, settings: TrainSettings, run_id: int, round_number: int) -> NoisePlan | None:
+    """The hospital's noise multiplier for this run: fixed by the config, or planned from its own facts.
+
+    With "auto" the hospital plans once per run, at the first round it is asked to train:
+    the smallest sigma with which every remaining planned round, at its own q and steps,
+    keeps its cumulative epsilon (earlier runs on this data included) within its own budget.
+    Later rounds of the run reuse the sigma its odometer recorded, so a hospital's sigma is
+    constant within a run. None when the budget left cannot fund a useful round.
+    """
+    odometer = site.odometer
+    q = sampling_rate_for(settings.batch_size, len(site.train_y))
+    steps = steps_for(settings.local_epochs, q)
+    prior = odometer.events(exclude_run=run_id)
+    rounds_left = max(1, int(settings.planned_rounds) - round_number + 1)
+    if settings.noise_multiplier != "auto":
+        sigma = float(settings.noise_multiplier)
+        return NoisePlan(sigma, q, steps, rounds_left, epsilon(prior, odometer.delta),
+                         epsilon(prior + [PrivacyEvent(sigma, q, steps * rounds_left)], odometer.delta))
+    this_run = [r for r in odometer.records if r.get("run") == run_id and int(r.get("steps", 0)) > 0]
+    if this_run:
+        sigma = float(this_run[0]["noise_multiplier"])
+        return NoisePlan(sigma, q, steps, rounds_left, epsilon(prior, odometer.delta),
+                         epsilon(odometer.events() + [PrivacyEvent(sigma, q, steps * rounds_left)], odometer.delta))
+    return plan_noise(prior, q, steps, rounds_left, odometer.max_epsilon, odometer.delta)
+
+
+def plan_summary(site: HospitalSite, settings: TrainSettings, run_id: int) -> dict:
+    """What the hospital will do this run (public: computed from public parameters and n)."""
+    _check_batch(site, settings)
+    plan = noise_plan(site, settings, run_id, 1)
+    q = sampling_rate_for(settings.batch_size, len(site.train_y))
+    summary = {"num-examples": len(site.train_y), "sampling-rate": q,
+               "steps-per-round": steps_for(settings.local_epochs, q),
+               "epsilon-before": site.odometer.spent(), "max-epsilon": site.odometer.max_epsilon,
+               "delta": site.odometer.delta}
+    if plan is not None:
+        summary |= {"noise-multiplier": plan.noise_multiplier, "epsilon-planned": plan.epsilon_after,
+                    "rounds-planned": plan.rounds}
+    return summary
+
+
 def train_round(site: HospitalSite, config: Config, settings: TrainSettings, weights: list[np.ndarray],
                 run_id: int, round_number: int) -> TrainOutcome:
-    """Check the budget, charge the odometer durably, then train with DP-SGD."""
+    """Plan or take the noise, check the budget, charge the odometer durably, then train with DP-SGD."""
+    _check_batch(site, settings)
     num_examples = len(site.train_y)
-    if num_examples < settings.batch_size:
-        raise UserError(f"{site.name} holds {num_examples} training examples, fewer than one batch "
-                        f"({settings.batch_size}): lower train.batch_size or add data")
-    sampling_rate = sampling_rate_for(settings.batch_size, num_examples)
-    event = PrivacyEvent(settings.noise_multiplier, sampling_rate, steps_for(settings.local_epochs, sampling_rate))
+    plan = noise_plan(site, settings, run_id, round_number)
     prior = site.odometer.events(exclude_run=run_id)
+    if plan is None:
+        q = sampling_rate_for(settings.batch_size, num_examples)
+        log.info("%s declines round %d: the budget left (epsilon %.3f spent of %.3f) cannot fund a useful "
+                 "round (it would need a noise multiplier above %g)", site.name, round_number,
+                 site.odometer.spent(), site.odometer.max_epsilon, MAX_USEFUL_NOISE)
+        declined = PrivacyEvent(MAX_USEFUL_NOISE, q, 0)
+        needed = site.odometer.epsilon_after(PrivacyEvent(MAX_USEFUL_NOISE, q, steps_for(settings.local_epochs, q)))
+        return TrainOutcome("budget_exhausted", declined, site.odometer.spent(), prior, num_examples, False,
+                            epsilon_needed=needed)
+    event = PrivacyEvent(plan.noise_multiplier, plan.sampling_rate, plan.steps_per_round)
     epsilon_after = site.odometer.epsilon_after(event)
     if epsilon_after > site.odometer.max_epsilon:
         log.info("%s declines round %d: epsilon would reach %.3f > budget %.3f",
                  site.name, round_number, epsilon_after, site.odometer.max_epsilon)
-        declined = PrivacyEvent(settings.noise_multiplier, sampling_rate, 0)
+        declined = PrivacyEvent(plan.noise_multiplier, plan.sampling_rate, 0)
         return TrainOutcome("budget_exhausted", declined, site.odometer.spent(), prior, num_examples, False,
                             epsilon_needed=epsilon_after)
 
     # The charge is on disk before training starts, so no update can leave uncounted.
     site.odometer.charge(event, run_id, round_number, epsilon_after)
     model, engine = _prepared(config, site.train_x.shape[1:], site.num_classes, weights, settings)
-    stats = engine.train(site.train_x, site.train_y, sampling_rate=sampling_rate, steps=event.steps)
+    engine.noise_multiplier = event.noise_multiplier
+    stats = engine.train(site.train_x, site.train_y, sampling_rate=event.sampling_rate, steps=event.steps)
     log.info("%s round %d: %d DP-SGD steps in %.2f s, local train loss %.4f (not released)",
              site.name, round_number, stats.steps, stats.seconds, stats.mean_loss)
     _local_log(site, {"run": run_id, "round": round_number, "steps": stats.steps,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,9 @@ class TrainConfig:
 @dataclass
 class DPConfig:
     l2_norm_clip: float = 1.0  # C: every example's gradient is clipped to this L2 norm
-    noise_multiplier: float = 1.0  # sigma: Gaussian noise std is sigma * C on the gradient sum
+    # sigma (Gaussian noise std is sigma * C on the gradient sum), or "auto": each hospital
+    # plans the smallest sigma with which every planned round fits its own budget.
+    noise_multiplier: float | str = "auto"
 
 
 @dataclass
@@ -101,7 +104,6 @@ RANGES = {
     "train.fraction_train": (0, 1, False, True),
     "train.fraction_evaluate": (0, 1, True, True),
     "dp.l2_norm_clip": (0, None, False, None),
-    "dp.noise_multiplier": (0, None, False, None),
     "privacy.max_epsilon": (0, None, False, None),
     "privacy.delta": (0, 1, False, False),
     "simulation.cpus_per_client": (0, None, False, None),
@@ -189,6 +191,11 @@ def validate(config: Config) -> Config:
             raise UserError(f"config key '{key}' must be {'>=' if low_ok else '>'} {low}, got {value}")
         if high is not None and (value > high or (value == high and not high_ok)):
             raise UserError(f"config key '{key}' must be {'<=' if high_ok else '<'} {high}, got {value}")
+    sigma = config.dp.noise_multiplier
+    if isinstance(sigma, str) and sigma != "auto":
+        raise UserError(f"config key 'dp.noise_multiplier' must be a positive number or auto, got {sigma!r}")
+    if not isinstance(sigma, str) and not (math.isfinite(sigma) and sigma > 0):
+        raise UserError(f"config key 'dp.noise_multiplier' must be > 0 (or auto), got {sigma}")
     if not config.model.filters or any(width < 1 for width in config.model.filters):
         raise UserError(f"config key 'model.filters' must be a non-empty list of positive ints, got {config.model.filters}")
     if config.data.source != "digits" and not config.data.path:

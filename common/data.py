@@ -18,7 +18,10 @@ Three sources (`data.source`):
   they are much larger than the target.
 
 `image_size` 0 keeps the native size (for a folder of mixed sizes: the most common size);
-N > 0 resizes every image to N x N. Pixels come out float32 in [0, 1], labels int64.
+N > 0 resizes every image to N x N; a folder of images larger than 64 px defaults to 64 x 64
+(DEFAULT_FOLDER_SIZE, with a note saying so). Pixels come out uint8 (held once per process
+at a quarter of float32's memory; common.model.model_input scales each batch to [0, 1]),
+16-bit images scaled to 8 bits; labels int64.
 
 Every problem a person can fix (missing path, corrupt image, wrong array shape, bad labels,
 empty class folder, ...) raises `UserError` with one line naming the file and the fix.
@@ -50,9 +53,9 @@ _MAX_NAMED = 3  # how many bad files a note names before "and N more"
 
 @dataclass
 class Dataset:
-    """One data set in memory: images (N, H, W, C) float32 in [0, 1], labels (N,) int64."""
+    """One data set in memory: images (N, H, W, C) uint8 0..255, labels (N,) int64."""
 
-    train_x: np.ndarray  # (N, H, W, C) float32 in [0, 1]
+    train_x: np.ndarray  # (N, H, W, C) uint8: a quarter of float32's memory; scaled per batch when used
     train_y: np.ndarray  # (N,) int64 in [0, num_classes)
     test_x: np.ndarray | None  # (M, H, W, C) or None when the source has no test split
     test_y: np.ndarray | None  # (M,) or None
@@ -153,6 +156,16 @@ def _one_line(err):
     return text[:200]
 
 
+# --------------------------------------------------------------------------- pixels
+
+DEFAULT_FOLDER_SIZE = 64  # side a folder of larger images is trained at unless data.image_size says
+
+
+def _to_uint8(x):
+    """Pixels in [0, 1] (any float array) to uint8 0..255: how every data set is held in memory."""
+    return np.clip(np.rint(np.asarray(x, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
 # --------------------------------------------------------------------------- resizing
 
 def _resize_matrix(n_in, n_out):
@@ -171,18 +184,24 @@ def _resize_matrix(n_in, n_out):
 
 
 def _resize_batch(x, size):
-    """Resize (N, H, W, C) float32 to (N, size, size, C), bilinear."""
+    """Resize (N, H, W, C) pixels (uint8, or float in [0, 1]) to (N, size, size, C) uint8, bilinear."""
     n, h, w, c = x.shape
     if (h, w) == (size, size):
-        return x
+        return _as_pixels(x)
     rows, cols = _resize_matrix(h, size), _resize_matrix(w, size)
-    out = np.empty((n, size, size, c), dtype=np.float32)
+    out = np.empty((n, size, size, c), dtype=np.uint8)
+    scale = np.float32(1 / 255) if x.dtype == np.uint8 else np.float32(1)
     step = max(1, 2**24 // max(1, h * w * c))  # bound the temporaries to ~64 MB per chunk
     for start in range(0, n, step):
-        chunk = np.moveaxis(x[start:start + step], 3, 1)  # (n, C, H, W)
+        chunk = np.moveaxis(x[start:start + step], 3, 1).astype(np.float32) * scale  # (n, C, H, W)
         chunk = rows @ chunk @ cols.T  # (n, C, size, size)
-        out[start:start + step] = np.moveaxis(chunk, 1, 3)
-    return np.clip(out, 0.0, 1.0, out=out)
+        out[start:start + step] = _to_uint8(np.moveaxis(chunk, 1, 3))
+    return out
+
+
+def _as_pixels(x):
+    """uint8 as it is (no copy); float pixels in [0, 1] converted."""
+    return x if x.dtype == np.uint8 else _to_uint8(x)
 
 
 # --------------------------------------------------------------------------- digits
@@ -210,7 +229,7 @@ def _load_digits(image_size):
         x = _resize_batch(x, image_size)
         notes.append(f"resized {len(x)} images in digits from 8x8 to {image_size}x{image_size}")
     names = [str(i) for i in range(10)]
-    return Dataset(x, labels, None, None, len(names), names, notes)
+    return Dataset(_as_pixels(x), labels, None, None, len(names), names, notes)
 
 
 # --------------------------------------------------------------------------- npz
@@ -249,7 +268,7 @@ def _load_npz(path, image_size):
         if len(x) != len(y):
             raise UserError(f"{path}: {split}_images has {len(x)} images but {split}_labels has "
                             f"{len(y)} labels; they must match one to one")
-        prepared[split] = (x, y)
+        prepared[split] = (_as_pixels(x), y)
 
     train_x, train_y = prepared["train"]
     if len(train_x) == 0:
@@ -287,7 +306,8 @@ def _load_npz(path, image_size):
         if test_x is not None:
             test_x = _resize_batch(test_x, image_size)
     names = [str(i) for i in range(num_classes)]
-    return Dataset(train_x, train_y, test_x, test_y, num_classes, names, notes)
+    return Dataset(_as_pixels(train_x), train_y, None if test_x is None else _as_pixels(test_x),
+                   test_y, num_classes, names, notes)
 
 
 def _read_array(archive, key, path):
@@ -300,7 +320,7 @@ def _read_array(archive, key, path):
 
 
 def _npz_images(a, key, path):
-    """Validate one image array; return (N, H, W, C) float32 in [0, 1] and an optional note."""
+    """Validate one image array; return (N, H, W, C) pixels (uint8, or float in [0, 1]) and an optional note."""
     if a.ndim == 3:
         a = a[..., None]
     elif a.ndim == 4 and a.shape[3] not in (1, 3):
@@ -313,7 +333,7 @@ def _npz_images(a, key, path):
         raise UserError(f"{path}: {key} has shape {a.shape}; images need a height and width of at least 1")
     note = None
     if a.dtype == np.uint8:
-        x = a.astype(np.float32) / 255.0
+        x = a  # held as it is: uint8 is how every data set is kept in memory
     elif a.dtype == np.uint16:
         x = a.astype(np.float32) / 65535.0
     elif np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
@@ -458,13 +478,19 @@ def _load_folder(root, image_size, on_bad_image):
         raise UserError(f"no readable training images in {layout['train']}; check the files "
                         "or set data.on_bad_image: refuse to see the first error")
 
+    size_note = None
     if image_size:
         target = (image_size, image_size)
     else:
         sizes = Counter(e[3] for e in entries)
         # Most common size; ties go to the larger image so that no detail is thrown away.
         target = max(sizes, key=lambda s: (sizes[s], s[0] * s[1], s))
-    arrays = np.zeros((len(entries), target[1], target[0], 1), dtype=np.float32)
+        if max(target) > DEFAULT_FOLDER_SIZE:
+            size_note = (f"images in {root} are {target[0]}x{target[1]} (most common size); training at "
+                         f"{DEFAULT_FOLDER_SIZE}x{DEFAULT_FOLDER_SIZE}, a size DP-SGD trains well on a CPU "
+                         "(set data.image_size to choose another)")
+            target = (DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
+    arrays = np.zeros((len(entries), target[1], target[0], 1), dtype=np.uint8)
 
     def decode(i):
         try:
@@ -496,7 +522,9 @@ def _load_folder(root, image_size, on_bad_image):
         notes.append(f"skipped {len(bad)} unreadable image file(s) in {root}: "
                      f"{_short_list([str(p) for p, _ in bad])}")
     resized = sum(1 for e, k in zip(entries, keep) if k and e[3] != target)
-    if resized:
+    if size_note:
+        notes.append(size_note)
+    elif resized:
         why = "" if image_size else " (the most common size; set data.image_size to choose)"
         notes.append(f"resized {resized} of {int(keep.sum())} images in {root} to "
                      f"{target[0]}x{target[1]}{why}")
@@ -522,13 +550,13 @@ def _refuse(path, err):
 
 
 def _decode_gray(path, target):
-    """Decode one image file to (h, w) float32 in [0, 1] at `target` (w, h)."""
+    """Decode one image file to (h, w) uint8 at `target` (w, h)."""
     with Image.open(path) as im:
         if im.mode in _SIXTEEN_BIT_MODES:
             # convert("L") would clip 16-bit values at 255; scale the full range instead.
             if im.size != target:
                 im = im.convert("F").resize(target, Image.Resampling.BILINEAR)
-            return np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0.0, 1.0)
+            return _to_uint8(np.asarray(im, dtype=np.float32) / 65535.0)
         if im.mode == "F":
             raise ValueError("32-bit float images are not supported; save as 8- or 16-bit")
         # For a JPEG, decode straight to grayscale and at a power-of-two reduction that is
@@ -537,4 +565,4 @@ def _decode_gray(path, target):
         im = im.convert("L")
         if im.size != target:
             im = im.resize(target, Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.float32) * np.float32(1 / 255)
+        return np.asarray(im, dtype=np.uint8)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.model import per_example_loss
+from common.model import model_input, per_example_loss
 from common.tf_setup import keras, tf
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ class DPSGDEngine:
     """
 
     def __init__(self, model, *, l2_norm_clip: float, noise_multiplier: float, learning_rate: float,
-                 momentum: float = 0.0, seed: int | None = None, jit_compile: bool = False):
+                 momentum: float = 0.0, seed: int | None = None, jit_compile: bool = False,
+                 memory_budget: int = 512 * 2**20):
         for name, value, ok in (
             ("l2_norm_clip", l2_norm_clip, l2_norm_clip > 0),
             ("noise_multiplier", noise_multiplier, noise_multiplier >= 0),
@@ -115,7 +116,9 @@ class DPSGDEngine:
             raise ValueError("DPSGDEngine: the model must be built and have trainable variables")
         self.model = model
         self.l2_norm_clip = float(l2_norm_clip)
-        self.noise_multiplier = float(noise_multiplier)
+        # A variable, not a constant baked into the trace: with planned noise every hospital
+        # has its own sigma, and one compiled step must serve them all.
+        self._noise_multiplier = tf.Variable(float(noise_multiplier), trainable=False, dtype=tf.float32)
         self.learning_rate = float(learning_rate)
         self.momentum = float(momentum)
         self.jit_compile = bool(jit_compile)
@@ -127,12 +130,26 @@ class DPSGDEngine:
                           if self.momentum else None)
         self._plan, reason = _make_plan(model, self._variables)
         self.fast_path = self._plan is not None
+        # Examples processed at once: per-example terms (im2col patches, per-example kernels,
+        # activations) grow with the image, so a 224 px batch of 256 would need ~15 GB.
+        # Clipping is per example, so summing chunk by chunk is exact.
+        self.chunk_size = max(1, int(memory_budget // _per_example_bytes(model, self._plan)))
         if not self.fast_path:
             _warn_once(reason, f"DP-SGD: {reason}; using the slower per-example-gradient path "
                                "(tf.vectorized_map), which is exact but several times slower")
         self._functions: dict = {}
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def noise_multiplier(self) -> float:
+        return float(self._noise_multiplier.numpy())
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"DPSGDEngine: bad noise_multiplier={value!r}")
+        self._noise_multiplier.assign(float(value))
 
     def reset_optimizer(self) -> None:
         """Zero the momentum, so a reused engine starts a new round afresh."""
@@ -143,7 +160,7 @@ class DPSGDEngine:
         """Noise-free sum over examples of each example's gradient clipped to l2_norm_clip
         (global L2 norm over all trainable variables), in model.trainable_variables order."""
         x_all, y_all = self._as_tensors(x, y)
-        sums, _ = self._accumulate(x_all, y_all, np.arange(len(x), dtype=np.int32))
+        sums, _ = self._accumulate(x_all, y_all, np.arange(len(x), dtype=np.int32), self.chunk_size)
         return [s.numpy() for s in sums]
 
     def train(self, x, y, *, sampling_rate: float, steps: int) -> TrainStats:
@@ -168,8 +185,12 @@ class DPSGDEngine:
             sizes.append(len(idx))
             if len(idx) == 0:
                 fns["apply"]([tf.zeros_like(v) for v in self._variables], seed, scale)
-            elif not self.jit_compile:
+            elif not self.jit_compile and len(idx) <= self.chunk_size:
                 loss_sums.append(fns["step"](x_all, y_all, tf.constant(idx), seed, scale))
+            elif not self.jit_compile:  # large images: per-example terms chunk by chunk, one update
+                sums, loss_sum = self._accumulate(x_all, y_all, idx, self.chunk_size)
+                fns["apply"](sums, seed, scale)
+                loss_sums.append(loss_sum)
             elif len(idx) <= pad:
                 loss_sums.append(fns["step"](x_all, y_all, *_pad(idx, pad), seed, scale))
             else:  # rare overflow of the padded size: accumulate in chunks, then one update
@@ -184,7 +205,10 @@ class DPSGDEngine:
     # ------------------------------------------------------------------ internals
 
     def _as_tensors(self, x, y):
-        x = np.asarray(x, dtype=np.float32)
+        # uint8 images stay uint8 (a quarter of the memory); each batch is scaled when gathered.
+        x = np.asarray(x)
+        if x.dtype != np.uint8:
+            x = x.astype(np.float32, copy=False)
         y = np.asarray(y)
         y = y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
         return tf.convert_to_tensor(x), tf.convert_to_tensor(y)
@@ -203,7 +227,7 @@ class DPSGDEngine:
         jit = self.jit_compile
 
         def accumulate(x_all, y_all, idx, mask=None):
-            x, y = tf.gather(x_all, idx), tf.gather(y_all, idx)
+            x, y = model_input(tf.gather(x_all, idx)), tf.gather(y_all, idx)
             return self._clipped_sum(x, y, mask)
 
         def step(x_all, y_all, idx, mask, seed, scale):
@@ -246,7 +270,7 @@ class DPSGDEngine:
         """Add N(0, (sigma C)^2) to the clipped sum, divide by q*n, take one SGD step."""
         sizes = [int(np.prod(v.shape)) for v in self._variables]
         noise = tf.random.stateless_normal([sum(sizes)], seed=seed,
-                                           stddev=self.noise_multiplier * self.l2_norm_clip)
+                                           stddev=self._noise_multiplier * self.l2_norm_clip)
         for i, (v, s, z) in enumerate(zip(self._variables, sums, tf.split(noise, sizes))):
             grad = (s + tf.reshape(z, v.shape)) * scale
             if self._velocity is None:
@@ -467,6 +491,27 @@ def _make_plan(model, variables):
     if covered != set(index):
         return None, "some trainable variables do not belong to a top-level Conv2D/Dense layer"
     return plan, ""
+
+
+def _per_example_bytes(model, plan) -> int:
+    """A generous estimate of one example's working memory in a DP-SGD step (float32)."""
+    floats = 0
+    for layer in model.layers:
+        try:
+            size_in = int(np.prod(layer.input_shape[1:]))
+            size_out = int(np.prod(layer.output_shape[1:]))
+        except (AttributeError, RuntimeError, TypeError):
+            return 64 * 2**20  # unknown shapes: assume large, chunks stay small
+        floats += size_in + 3 * size_out  # input, pre-activation, its gradient, activation
+    for p in plan or []:
+        if p.kind == "conv":
+            _, h_out, w_out, out_ch = p.layer.output_shape
+            k = int(np.prod(p.layer.kernel.shape[:3]))
+            t = h_out * w_out
+            floats += 2 * t * k + (2 * t * t if p.ghost else k * out_ch)  # patches (+ a copy), kernels
+    if plan is None:  # the slow path holds a full per-example gradient of every variable
+        floats += 2 * sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    return 4 * 2 * floats  # float32, and a factor 2 for the backward pass's temporaries
 
 
 def _pad_size(n, q):

@@ -1,15 +1,28 @@
-"""Scores of a model on held-out data: loss, accuracy, and AUC for binary tasks."""
+"""Scores of a model on held-out data: loss, accuracy, balanced accuracy, and AUC for binary tasks.
+
+Balanced accuracy (the mean of per-class recalls) sits beside accuracy because diagnoses are
+imbalanced: a model that always answers the majority class scores its share in accuracy
+but 1 / classes in balanced accuracy, and `single_class` flags it outright.
+"""
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from common.model import per_example_loss
+from common.model import model_input, per_example_loss
+
+
+def predict(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities, batch by batch (uint8 images are scaled one batch at a time)."""
+    parts = [model(model_input(x[start:start + batch_size]), training=False).numpy()
+             for start in range(0, len(x), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
 
 
 def evaluate_model(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict:
-    """{"loss", "accuracy"} and, for two classes with both present, {"auc"}."""
-    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
+    """{"loss", "accuracy", "balanced_accuracy", "single_class"} and, for two classes with both
+    present, {"auc"}."""
+    probabilities = predict(model, x, batch_size)
     loss = float(np.mean(per_example_loss(y, probabilities)))
     if probabilities.shape[-1] == 1:
         scores = probabilities[:, 0]
@@ -17,7 +30,9 @@ def evaluate_model(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -
     else:
         scores = None
         predictions = probabilities.argmax(axis=-1)
-    result = {"loss": loss, "accuracy": float(np.mean(predictions == y))}
+    result = {"loss": loss, "accuracy": float(np.mean(predictions == y)),
+              "balanced_accuracy": float(balanced_accuracy_score(y, predictions)),
+              "single_class": int(len(np.unique(predictions)) == 1)}
     if scores is not None and len(np.unique(y)) == 2:
         result["auc"] = float(roc_auc_score(y, scores))
     return result

@@ -9,7 +9,7 @@ the default activation because bounded activations train better under DP-SGD
 from common.tf_setup import keras, tf
 
 
-def build_model(input_shape, num_classes, filters=(16, 32, 64), dense_units=64, activation="tanh"):
+def build_model(input_shape, num_classes, filters=(16, 32, 64), dense_units=64, activation="tanh", **options):
     """Return an uncompiled Keras Sequential CNN for images of `input_shape` (H, W, C)."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
@@ -33,3 +33,15 @@ def per_example_loss(labels, probabilities):
         labels = tf.reshape(tf.cast(labels, probabilities.dtype), (-1, 1))
         return keras.losses.binary_crossentropy(labels, probabilities)
     return keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+
+
+def model_input(images):
+    """What the network sees: pixels as float32 in [0, 1].
+
+    Data sets are held as uint8 (a quarter of float32's memory, once per process) and each
+    batch is scaled only when it is used; float images are taken as already in [0, 1].
+    """
+    images = tf.convert_to_tensor(images)
+    if images.dtype == tf.uint8:
+        return tf.cast(images, tf.float32) * (1.0 / 255.0)
+    return tf.cast(images, tf.float32)

@@ -106,3 +106,86 @@ def _epsilon(groups, delta: float, accountant: str) -> float:
 def epsilon(events: list[PrivacyEvent], delta: float, accountant: str = "pld") -> float:
     """Epsilon at `delta` of all `events` composed; 0 for no steps, inf for zero noise."""
     return _epsilon(_groups(events), float(delta), accountant)
+
+
+# ---------------------------------------------------------------------- planning the noise
+
+MAX_USEFUL_NOISE = 50.0  # a plan that needs more noise than this trains nothing worth sending
+_PLAN_TOLERANCE = 1e-3  # relative width at which the bisection on sigma stops
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """A hospital's noise multiplier for the rest of a run, chosen from its own facts."""
+
+    noise_multiplier: float  # sigma, rounded up: with it the whole plan stays within the budget
+    sampling_rate: float  # q = batch / n
+    steps_per_round: int
+    rounds: int  # rounds the plan pays for (the remaining planned rounds of the run)
+    epsilon_before: float  # spend on this data before the plan (odometer)
+    epsilon_after: float  # cumulative epsilon after taking part in every planned round (PLD)
+
+
+def _plan_epsilon(prior, sigma, q, steps, delta, accountant="pld") -> float:
+    return epsilon(list(prior) + [PrivacyEvent(sigma, q, steps)], delta, accountant)
+
+
+def plan_noise(prior: list[PrivacyEvent], sampling_rate: float, steps_per_round: int, rounds: int,
+               max_epsilon: float, delta: float) -> NoisePlan | None:
+    """See `_plan_noise`; remembered, because the plan shown before round 1 is round 1's plan."""
+    return _plan_noise(tuple(prior), float(sampling_rate), int(steps_per_round), int(rounds),
+                       float(max_epsilon), float(delta))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_noise(prior: tuple[PrivacyEvent, ...], sampling_rate: float, steps_per_round: int, rounds: int,
+                max_epsilon: float, delta: float) -> NoisePlan | None:
+    """Smallest sigma with which `rounds` more rounds keep the cumulative epsilon within budget.
+
+    The hospital assumes it takes part in every one of the `rounds` (the worst case when the
+    coordinator samples hospitals), composes that with its earlier spend `prior`, and asks
+    the same PLD accountant as the ledger. Epsilon falls as sigma grows, so a bisection
+    works. RDP is always at least the PLD figure, so the sigma that RDP needs is a valid
+    upper end and a cheap first guess; PLD (~0.5 s a call) then narrows it down. The result
+    is rounded up to 4 significant digits and checked once more with PLD, so the plan never
+    rests on a rounding in the hospital's disfavour. None when no sigma up to
+    MAX_USEFUL_NOISE fits: the budget left cannot fund a useful round.
+    """
+    if rounds < 1 or steps_per_round < 1:
+        raise ValueError(f"plan_noise: rounds and steps must be >= 1, got {rounds}, {steps_per_round}")
+    steps = rounds * steps_per_round
+    spent = epsilon(prior, delta)
+
+    def fits(sigma, accountant="pld"):
+        return _plan_epsilon(prior, sigma, sampling_rate, steps, delta, accountant) <= max_epsilon
+
+    if spent >= max_epsilon or not fits(MAX_USEFUL_NOISE):
+        return None
+    # Upper end from RDP (cheap); lower end where even PLD is over budget.
+    hi = MAX_USEFUL_NOISE
+    lo = 0.05
+    while hi / lo > 1 + _PLAN_TOLERANCE:
+        mid = math.sqrt(lo * hi)
+        if fits(mid, "rdp"):
+            hi = mid
+        else:
+            lo = mid
+    lo = hi / 1.5
+    if fits(lo):
+        lo = 0.05
+    while hi / lo > 1 + _PLAN_TOLERANCE:
+        mid = math.sqrt(lo * hi)
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    sigma = _round_up(hi)
+    while not fits(sigma):  # rounding never goes down, but stay safe against discretisation
+        sigma = _round_up(sigma * (1 + _PLAN_TOLERANCE))
+    return NoisePlan(sigma, sampling_rate, steps_per_round, rounds, spent,
+                     _plan_epsilon(prior, sigma, sampling_rate, steps, delta))
+
+
+def _round_up(value: float, digits: int = 4) -> float:
+    scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale) / scale

@@ -16,11 +16,14 @@ from common.metrics import evaluate_model
 from common.model import build_model
 from common.tf_setup import keras
 from server.ledger import PrivacyLedger
+from server.plan import ask_plans, plan_lines, wait_for_hospitals
 from server.report import round_line, summary_lines
 from server.run_dir import RunDirectory
 from server.strategy import PrivateFedAvg
 
 app = ServerApp()
+
+HOSPITAL_WAIT_SECONDS = 600  # how long to wait for the configured hospitals before round 1
 
 
 @app.main()
@@ -50,9 +53,13 @@ def main(grid: Grid, context: Context) -> None:
         "learning_rate": config.train.learning_rate,
         "momentum": config.train.momentum,
         "l2_norm_clip": config.dp.l2_norm_clip,
-        "noise_multiplier": config.dp.noise_multiplier,
+        "noise_multiplier": config.dp.noise_multiplier,  # a number, or "auto": each hospital plans its own
+        "planned_rounds": config.rounds,
     })
     print(f"Run directory: {run.path}", flush=True)
+    nodes = wait_for_hospitals(grid, config.hospitals, timeout=HOSPITAL_WAIT_SECONDS)
+    for line in plan_lines(ask_plans(grid, nodes, train_config, timeout=HOSPITAL_WAIT_SECONDS), config.rounds):
+        print(line, flush=True)
     started = time.time()
     for server_round in range(1, config.rounds + 1):
         round_started = time.time()

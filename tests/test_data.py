@@ -56,18 +56,18 @@ def test_modules_do_not_import_tensorflow():
 
 def test_digits_native_and_resized():
     ds = load_dataset("digits")
-    assert ds.train_x.shape == (1797, 8, 8, 1) and ds.train_x.dtype == np.float32
+    assert ds.train_x.shape == (1797, 8, 8, 1) and ds.train_x.dtype == np.uint8  # held as uint8
     assert ds.train_y.dtype == np.int64 and ds.num_classes == 10 and ds.class_names[3] == "3"
-    assert 0.0 <= ds.train_x.min() and ds.train_x.max() == pytest.approx(1.0)
+    assert ds.train_x.min() == 0 and ds.train_x.max() == 255
     assert ds.test_x is None and ds.test_y is None and ds.input_shape == (8, 8, 1)
     # Pins the bundled file read without importing sklearn.datasets (same as load_digits()).
     assert np.bincount(ds.train_y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
-    assert ds.train_x[0, :, :, 0].tolist()[1] == pytest.approx([0, 0, 13 / 16, 15 / 16, 10 / 16, 15 / 16, 5 / 16, 0])
+    assert ds.train_x[0, :, :, 0].tolist()[1] == np.rint(np.array([0, 0, 13, 15, 10, 15, 5, 0]) * 255 / 16).tolist()
     big = load_dataset("digits", image_size=20)
-    assert big.input_shape == (20, 20, 1) and big.train_x.max() <= 1.0
+    assert big.input_shape == (20, 20, 1) and big.train_x.dtype == np.uint8
     assert any("resized 1797" in n for n in big.notes)
     # Bilinear upsampling keeps the mean brightness close.
-    assert abs(big.train_x.mean() - ds.train_x.mean()) < 0.02
+    assert abs(big.train_x.mean() - ds.train_x.mean()) < 0.02 * 255
 
 
 # ----------------------------------------------------------------------------- npz
@@ -79,7 +79,7 @@ def test_npz_grayscale_with_test_split(tmp_path):
                      test_images=gray_images(6, seed=1), test_labels=np.array([0, 1, 2, 0, 1, 2]))
     ds = load_dataset("npz", path)
     assert ds.train_x.shape == (20, 12, 12, 1) and ds.test_x.shape == (6, 12, 12, 1)
-    np.testing.assert_allclose(ds.train_x[..., 0], x / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(ds.train_x[..., 0], x)  # uint8 kept exactly
     assert ds.num_classes == 3 and ds.class_names == ["0", "1", "2"]
     assert ds.train_y.dtype == np.int64 and list(ds.test_y) == [0, 1, 2, 0, 1, 2]
 
@@ -101,17 +101,17 @@ def test_npz_float_images_and_resize(tmp_path):
                      test_images=x[:2], test_labels=np.array([1, 0]))
     ds = load_dataset("npz", path, image_size=16)
     assert ds.input_shape == (16, 16, 1) and ds.test_x.shape == (2, 16, 16, 1)
-    np.testing.assert_allclose(ds.train_x.mean(), x.mean(), atol=0.02)
+    np.testing.assert_allclose(ds.train_x.mean() / 255, x.mean(), atol=0.02)
     assert any("resized 8" in n and "16x16" in n for n in ds.notes)
     # A constant image stays constant through the resize (weights sum to one).
     const = write_npz(tmp_path / "k.npz", train_images=np.full((2, 5, 5), 0.25), train_labels=np.array([0, 1]))
-    np.testing.assert_allclose(load_dataset("npz", const, image_size=3).train_x, 0.25, atol=1e-6)
+    np.testing.assert_array_equal(load_dataset("npz", const, image_size=3).train_x, 64)  # rint(0.25 * 255)
 
 
 def test_npz_float_0_255_is_rescaled_with_note(tmp_path):
     path = write_npz(tmp_path / "f.npz", train_images=np.full((4, 3, 3), 255.0), train_labels=np.array([0, 1, 0, 1]))
     ds = load_dataset("npz", path)
-    assert ds.train_x.max() == pytest.approx(1.0) and any("255" in n for n in ds.notes)
+    assert ds.train_x.max() == 255 and any("255" in n for n in ds.notes)
 
 
 BAD_NPZ = {
@@ -170,8 +170,8 @@ def test_folder_png_flat_layout(tmp_path):
     assert ds.train_x.shape == (6, 16, 16, 1) and ds.test_x is None
     assert sorted(ds.train_y.tolist()) == [0, 0, 0, 1, 1, 1]
     # Pixel values survive exactly (no resize): compare one file.
-    first = np.asarray(Image.open(root / "normal" / "img0.png"), dtype=np.float32) / 255
-    assert any(np.allclose(img[..., 0], first, atol=1e-6) for img in ds.train_x)
+    first = np.asarray(Image.open(root / "normal" / "img0.png"))
+    assert any(np.array_equal(img[..., 0], first) for img in ds.train_x)
 
 
 def test_folder_jpeg_train_test_layout_colour_to_gray(tmp_path):
@@ -182,7 +182,7 @@ def test_folder_jpeg_train_test_layout_colour_to_gray(tmp_path):
     ds = load_dataset("folder", str(root))
     assert ds.class_names == ["a", "b", "c"] and ds.input_shape == (16, 16, 1)
     assert len(ds.train_x) == 6 and len(ds.test_x) == 2 and sorted(ds.test_y.tolist()) == [0, 2]
-    assert ds.train_x.dtype == np.float32 and 0 <= ds.train_x.min() and ds.train_x.max() <= 1
+    assert ds.train_x.dtype == np.uint8
 
 
 def test_folder_val_split_merged(tmp_path):
@@ -208,7 +208,7 @@ def test_folder_16bit_png_keeps_full_range(tmp_path):
     root = make_folder(tmp_path / "r", per_class=2)
     Image.fromarray(np.full((16, 16), 65535, np.uint16)).save(root / "benign" / "deep.png")
     ds = load_dataset("folder", str(root))
-    assert np.isclose(ds.train_x.reshape(len(ds.train_x), -1).max(axis=1), 1.0).any()
+    assert (ds.train_x.reshape(len(ds.train_x), -1).max(axis=1) == 255).any()
 
 
 def corrupt_folder(tmp_path):

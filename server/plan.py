@@ -1,0 +1,56 @@
+"""Before round 1: ask every hospital for its privacy plan and show it.
+
+With `dp.noise_multiplier: auto` each hospital chooses its own noise from its own facts (its
+examples, budget, delta and odometer); the coordinator only learns the result. The plan
+travels as a query message and holds public numbers only: the example count (public
+metadata), q, steps per round, the planned sigma and the epsilon it leads to.
+"""
+from __future__ import annotations
+
+import time
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+
+def wait_for_hospitals(grid, wanted: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """Node ids once `wanted` hospitals are connected, or whatever is there after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(poll)
+
+
+def ask_plans(grid, node_ids: list[int], train_config: ConfigRecord, timeout: float | None) -> dict[str, dict]:
+    """{hospital: plan} from every node that answered with a well-formed plan."""
+    messages = [Message(RecordDict({"config": train_config}), node, MessageType.QUERY) for node in node_ids]
+    plans = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error() or "plan" not in reply.content:
+            continue
+        record = reply.content["plan"]
+        hospital = str(record.get("hospital", f"node {reply.metadata.src_node_id}"))
+        values = {key: value for key, value in record.items() if key != "hospital"}
+        if all(isinstance(v, (int, float)) for v in values.values()):
+            plans[hospital] = values
+    return plans
+
+
+def plan_lines(plans: dict[str, dict], rounds: int) -> list[str]:
+    """A table: per hospital its examples, q, steps per round, planned sigma, final epsilon."""
+    if not plans:
+        return ["Privacy plan: no hospital answered before round 1."]
+    lines = [f"Privacy plan for {rounds} round(s), chosen by each hospital from its own budget:",
+             f"  {'hospital':<14} {'examples':>8} {'q':>7} {'steps/round':>11} {'sigma':>7} "
+             f"{'epsilon now':>11} {'epsilon at end':>14} {'budget':>7}"]
+    for hospital in sorted(plans, key=lambda name: (len(name), name)):
+        p = plans[hospital]
+        if "noise-multiplier" in p:
+            sigma, final = f"{p['noise-multiplier']:.4g}", f"{p['epsilon-planned']:.3f}"
+        else:
+            sigma, final = "-", "declines"
+        lines.append(f"  {hospital:<14} {int(p['num-examples']):>8} {p['sampling-rate']:>7.4f} "
+                     f"{int(p['steps-per-round']):>11} {sigma:>7} {p['epsilon-before']:>11.3f} {final:>14} "
+                     f"{p['max-epsilon']:>7g}")
+    return lines
