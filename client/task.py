@@ -21,8 +21,8 @@ from common.federation import load_federation
 from common.metrics import evaluate_model
 from common.model import build_model
 from common.partition import holdout_split
-from common.privacy import (MAX_USEFUL_NOISE, NoisePlan, PrivacyEvent, epsilon, plan_noise, sampling_rate_for,
-                            steps_for)
+from common.privacy import (NoisePlan, PrivacyEvent, epsilon, plan_noise, sampling_rate_for,
+                            steps_for, useful_noise_limit)
 
 log = logging.getLogger("hospital")
 
@@ -164,7 +164,8 @@ def noise_plan(site: HospitalSite, settings: TrainSettings, run_id: int, round_n
         sigma = float(this_run[0]["noise_multiplier"])
         return NoisePlan(sigma, q, steps, rounds_left, epsilon(prior, odometer.delta),
                          epsilon(odometer.events() + [PrivacyEvent(sigma, q, steps * rounds_left)], odometer.delta))
-    return plan_noise(prior, q, steps, rounds_left, odometer.max_epsilon, odometer.delta)
+    return plan_noise(prior, q, steps, rounds_left, odometer.max_epsilon, odometer.delta,
+                      max_noise=useful_noise_limit(settings.batch_size))
 
 
 def plan_summary(site: HospitalSite, settings: TrainSettings, run_id: int) -> dict:
@@ -191,11 +192,12 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
     prior = site.odometer.events(exclude_run=run_id)
     if plan is None:
         q = sampling_rate_for(settings.batch_size, num_examples)
+        limit = useful_noise_limit(settings.batch_size)
         log.info("%s declines round %d: the budget left (epsilon %.3f spent of %.3f) cannot fund a useful "
-                 "round (it would need a noise multiplier above %g)", site.name, round_number,
-                 site.odometer.spent(), site.odometer.max_epsilon, MAX_USEFUL_NOISE)
-        declined = PrivacyEvent(MAX_USEFUL_NOISE, q, 0)
-        needed = site.odometer.epsilon_after(PrivacyEvent(MAX_USEFUL_NOISE, q, steps_for(settings.local_epochs, q)))
+                 "round (it would need a noise multiplier above %g at batch %d)", site.name, round_number,
+                 site.odometer.spent(), site.odometer.max_epsilon, limit, settings.batch_size)
+        declined = PrivacyEvent(limit, q, 0)
+        needed = site.odometer.epsilon_after(PrivacyEvent(limit, q, steps_for(settings.local_epochs, q)))
         return TrainOutcome("budget_exhausted", declined, site.odometer.spent(), prior, num_examples, False,
                             epsilon_needed=needed)
     event = PrivacyEvent(plan.noise_multiplier, plan.sampling_rate, plan.steps_per_round)

@@ -61,6 +61,8 @@ _PER_EXAMPLE_LAYERS = (
     keras.layers.ZeroPadding2D,
     keras.layers.Cropping2D,
     keras.layers.Rescaling,
+    keras.layers.GroupNormalization,  # only without scale/offset (no trainable weights): see _make_plan
+    keras.layers.LayerNormalization,
 )
 
 _warned: set[str] = set()
@@ -215,7 +217,7 @@ class DPSGDEngine:
 
     def _fns(self, x_all, y_all):
         """The compiled functions for this data's shape/dtype (traced once, any batch size)."""
-        key = (tuple(x_all.shape[1:]), y_all.dtype, tuple(y_all.shape[1:]))
+        key = (tuple(x_all.shape[1:]), x_all.dtype, y_all.dtype, tuple(y_all.shape[1:]))
         if key in self._functions:
             return self._functions[key]
         x_spec = tf.TensorSpec([None, *x_all.shape[1:]], x_all.dtype)

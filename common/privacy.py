@@ -110,7 +110,19 @@ def epsilon(events: list[PrivacyEvent], delta: float, accountant: str = "pld") -
 
 # ---------------------------------------------------------------------- planning the noise
 
-MAX_USEFUL_NOISE = 50.0  # a plan that needs more noise than this trains nothing worth sending
+MAX_NOISE = 50.0  # the bisection's upper end
+
+
+def useful_noise_limit(batch_size: int) -> float:
+    """The largest sigma worth training with at an expected batch of `batch_size`.
+
+    The noise on the averaged gradient has standard deviation sigma * C / batch per
+    coordinate. Past a tenth of C (sigma > batch / 10) a round moves the model mostly by
+    noise, so a hospital whose budget left would need more declines instead of spending it
+    for nothing. A heuristic, not a privacy figure: it only ever stops training.
+    """
+    return max(2.0, batch_size / 10)
+
 _PLAN_TOLERANCE = 1e-3  # relative width at which the bisection on sigma stops
 
 
@@ -131,15 +143,15 @@ def _plan_epsilon(prior, sigma, q, steps, delta, accountant="pld") -> float:
 
 
 def plan_noise(prior: list[PrivacyEvent], sampling_rate: float, steps_per_round: int, rounds: int,
-               max_epsilon: float, delta: float) -> NoisePlan | None:
+               max_epsilon: float, delta: float, max_noise: float = MAX_NOISE) -> NoisePlan | None:
     """See `_plan_noise`; remembered, because the plan shown before round 1 is round 1's plan."""
     return _plan_noise(tuple(prior), float(sampling_rate), int(steps_per_round), int(rounds),
-                       float(max_epsilon), float(delta))
+                       float(max_epsilon), float(delta), float(max_noise))
 
 
 @functools.lru_cache(maxsize=256)
 def _plan_noise(prior: tuple[PrivacyEvent, ...], sampling_rate: float, steps_per_round: int, rounds: int,
-                max_epsilon: float, delta: float) -> NoisePlan | None:
+                max_epsilon: float, delta: float, max_noise: float) -> NoisePlan | None:
     """Smallest sigma with which `rounds` more rounds keep the cumulative epsilon within budget.
 
     The hospital assumes it takes part in every one of the `rounds` (the worst case when the
@@ -148,8 +160,8 @@ def _plan_noise(prior: tuple[PrivacyEvent, ...], sampling_rate: float, steps_per
     works. RDP is always at least the PLD figure, so the sigma that RDP needs is a valid
     upper end and a cheap first guess; PLD (~0.5 s a call) then narrows it down. The result
     is rounded up to 4 significant digits and checked once more with PLD, so the plan never
-    rests on a rounding in the hospital's disfavour. None when no sigma up to
-    MAX_USEFUL_NOISE fits: the budget left cannot fund a useful round.
+    rests on a rounding in the hospital's disfavour. None when no sigma up to `max_noise`
+    fits: the budget left cannot fund a useful round.
     """
     if rounds < 1 or steps_per_round < 1:
         raise ValueError(f"plan_noise: rounds and steps must be >= 1, got {rounds}, {steps_per_round}")
@@ -159,10 +171,10 @@ def _plan_noise(prior: tuple[PrivacyEvent, ...], sampling_rate: float, steps_per
     def fits(sigma, accountant="pld"):
         return _plan_epsilon(prior, sigma, sampling_rate, steps, delta, accountant) <= max_epsilon
 
-    if spent >= max_epsilon or not fits(MAX_USEFUL_NOISE):
+    if spent >= max_epsilon or not fits(max_noise):
         return None
     # Upper end from RDP (cheap); lower end where even PLD is over budget.
-    hi = MAX_USEFUL_NOISE
+    hi = max_noise
     lo = 0.05
     while hi / lo > 1 + _PLAN_TOLERANCE:
         mid = math.sqrt(lo * hi)
@@ -173,6 +185,8 @@ def _plan_noise(prior: tuple[PrivacyEvent, ...], sampling_rate: float, steps_per
     lo = hi / 1.5
     if fits(lo):
         lo = 0.05
+    if fits(lo):
+        hi = lo
     while hi / lo > 1 + _PLAN_TOLERANCE:
         mid = math.sqrt(lo * hi)
         if fits(mid):

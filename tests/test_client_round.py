@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from client.odometer import PrivacyOdometer
-from client.task import HospitalSite, TrainSettings, evaluate_round, train_round
+from client.task import HospitalSite, TrainSettings, evaluate_round, noise_plan, train_round
 from common.config import load_config
 from common.data import load_dataset
 from common.dp_sgd import DPSGDEngine
@@ -29,7 +29,7 @@ def _initial(config):
 
 
 def test_round_trains_charges_and_reports(digits, tmp_path):
-    config = load_config(None, ["train.batch_size=20"])
+    config = load_config(None, ["train.batch_size=20", "dp.noise_multiplier=1.0"])
     site = _site(digits, tmp_path)
     settings = TrainSettings.from_config(config)
     weights = _initial(config)
@@ -48,12 +48,53 @@ def test_round_trains_charges_and_reports(digits, tmp_path):
 
 
 def test_round_declines_past_the_budget_and_sends_nothing(digits, tmp_path):
-    config = load_config(None, ["train.batch_size=20"])
+    config = load_config(None, ["train.batch_size=20", "dp.noise_multiplier=1.0"])
     site = _site(digits, tmp_path, max_epsilon=0.5)
     outcome = train_round(site, config, TrainSettings.from_config(config), _initial(config), run_id=1, round_number=1)
     assert outcome.status == "budget_exhausted"
     assert outcome.weights is None and outcome.event.steps == 0 and outcome.epsilon == 0.0
     assert not (tmp_path / "h0.jsonl").exists()
+
+
+def test_auto_noise_spends_the_budget_over_the_planned_rounds(digits, tmp_path):
+    """With dp.noise_multiplier auto the hospital plans sigma so that every planned round fits."""
+    config = load_config(None, ["train.batch_size=40", "rounds=3", "privacy.max_epsilon=2.0"])
+    assert config.dp.noise_multiplier == "auto"
+    site = _site(digits, tmp_path, max_epsilon=2.0)
+    settings = TrainSettings.from_config(config)
+    weights, outcomes = _initial(config), []
+    for round_number in (1, 2, 3):
+        outcome = train_round(site, config, settings, weights, run_id=3, round_number=round_number)
+        assert outcome.status == "trained"
+        outcomes.append(outcome)
+        weights = outcome.weights
+    sigmas = {o.event.noise_multiplier for o in outcomes}
+    assert len(sigmas) == 1  # planned once per run, then reused
+    final = outcomes[-1].epsilon
+    assert 0.9 * 2.0 <= final <= 2.0
+    assert final == pytest.approx(epsilon([o.event for o in outcomes], 1e-5), rel=1e-9)
+    assert not outcomes[-1].can_train_again  # the plan is spent
+    # A smaller sigma would have passed the budget: the plan is the smallest that fits.
+    (sigma,) = sigmas
+    smaller = PrivacyEvent(sigma * 0.99, outcomes[0].event.sampling_rate, 3 * outcomes[0].event.steps)
+    assert epsilon([smaller], 1e-5) > 2.0
+
+    # A new run on the same odometer plans with what is left (nothing useful here): it declines.
+    again = train_round(site, config, settings, weights, run_id=4, round_number=1)
+    assert again.status == "budget_exhausted" and again.weights is None and again.event.steps == 0
+    assert again.epsilon == pytest.approx(final)
+
+
+def test_auto_noise_replans_with_the_budget_left(digits, tmp_path):
+    config = load_config(None, ["train.batch_size=40", "rounds=2", "privacy.max_epsilon=4.0"])
+    site = _site(digits, tmp_path, max_epsilon=4.0)
+    settings = TrainSettings.from_config(config)
+    first = train_round(site, config, settings, _initial(config), run_id=1, round_number=1)
+    # The first run stops after one of its two planned rounds; the next run plans with the rest.
+    second_plan = noise_plan(site, settings, run_id=2, round_number=1)
+    assert second_plan.epsilon_before == pytest.approx(first.epsilon)
+    assert second_plan.epsilon_after <= 4.0
+    assert second_plan.noise_multiplier > first.event.noise_multiplier  # less budget, more noise
 
 
 def test_per_example_clipping_bound_holds(digits):

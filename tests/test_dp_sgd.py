@@ -83,6 +83,7 @@ CASES = {
     "pooling": (pooling_model, (10, 10, 1), 3),
     "cnn28": (lambda: build_model((28, 28, 1), 10), (28, 28, 1), 10),
     "binary16": (lambda: build_model((16, 16, 1), 2), (16, 16, 1), 2),
+    "groupnorm_rgb": (lambda: build_model((12, 12, 3), 5, (8, 12), 16, normalization="group"), (12, 12, 3), 5),
 }
 
 
@@ -311,3 +312,29 @@ def test_bad_train_arguments_are_refused(q, steps):
     x, y = data((6,), 3, n=5)
     with pytest.raises(ValueError):
         engine.train(x, y, sampling_rate=q, steps=steps)
+
+
+def test_large_images_are_processed_in_chunks_exactly():
+    """A memory budget smaller than one batch splits the per-example work; the sum is unchanged."""
+    tf.random.set_seed(2)
+    model = build_model((32, 32, 1), 3, (8, 8), 8)
+    x, y = data((32, 32, 1), 3, n=24)
+    whole = DPSGDEngine(model, l2_norm_clip=0.5, noise_multiplier=1.0, learning_rate=0.1, seed=0)
+    tiny = DPSGDEngine(model, l2_norm_clip=0.5, noise_multiplier=1.0, learning_rate=0.1, seed=0,
+                       memory_budget=1)
+    assert tiny.chunk_size == 1 and whole.chunk_size >= 24
+    assert_sums_close(tiny.clipped_gradient_sum(x, y), whole.clipped_gradient_sum(x, y))
+    before = [w.copy() for w in model.get_weights()]
+    stats = tiny.train(x, y, sampling_rate=0.5, steps=3)  # every step goes through the chunked path
+    assert stats.steps == 3 and any(not np.allclose(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_uint8_images_are_scaled_like_floats():
+    tf.random.set_seed(3)
+    model = build_model((8, 8, 1), 3, (4,), 8)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(10, 8, 8, 1), dtype=np.uint8)
+    y = rng.integers(0, 3, size=10)
+    engine = DPSGDEngine(model, l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1, seed=0)
+    assert_sums_close(engine.clipped_gradient_sum(pixels, y),
+                      engine.clipped_gradient_sum(pixels.astype(np.float32) / 255, y))
