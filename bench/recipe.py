@@ -33,6 +33,7 @@ def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=sorted(SOURCES), default="blood")
     parser.add_argument("--size", type=int, default=0)
+    parser.add_argument("--color", choices=("gray", "rgb"), default="gray")
     parser.add_argument("--hospitals", type=int, default=5)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--eps", type=float, default=3.0)
@@ -69,7 +70,8 @@ def run(args) -> dict:
     source, path = SOURCES[args.data]
     config = load_config(None, [f"data.source={source}", f"data.path={path}", f"hospitals={args.hospitals}",
                                 "data.partition=dirichlet", f"data.alpha={args.alpha}", f"seed={args.seed}",
-                                f"data.image_size={args.size}", f"train.batch_size={min(args.batch, 16)}"])
+                                f"data.image_size={args.size}", f"train.batch_size={min(args.batch, 16)}",
+                                f"data.color={args.color}"])
     federation = build_federation(config)
     shards = [(s.train_x, s.train_y) for s in federation.shards]
     if args.mode == "central":

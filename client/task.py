@@ -4,6 +4,7 @@ No Flower here: client/client_app.py unpacks messages and calls these functions.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -13,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from client.odometer import PrivacyOdometer
-from common.config import Config
+from common.config import Config, ModelConfig
 from common.data import load_dataset
 from common.dp_sgd import DPSGDEngine
 from common.errors import UserError
 from common.federation import load_federation
 from common.metrics import evaluate_model
-from common.model import build_model
+from common.model import make_model
 from common.partition import holdout_split
 from common.privacy import (NoisePlan, PrivacyEvent, epsilon, plan_noise, sampling_rate_for,
                             steps_for, useful_noise_limit)
@@ -92,7 +93,7 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
         raise UserError(f"node config is missing {', '.join(missing)}: pass them with flower-supernode --node-config")
     name = str(node_config["hospital-id"])
     source = str(node_config.get("data-source", "npz"))
-    dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size,
+    dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size, color=config.data.color,
                            on_bad_image=config.data.on_bad_image)
     train_x, train_y = dataset.train_x, dataset.train_y
     if dataset.test_x is not None and len(dataset.test_x):
@@ -107,22 +108,23 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
 
 
 @functools.lru_cache(maxsize=4)
-def _trainer(input_shape, num_classes, filters, dense_units, activation, l2_norm_clip, learning_rate, momentum):
+def _trainer(input_shape, num_classes, model_json, l2_norm_clip, learning_rate, momentum):
     """(model, engine) built once per worker process and reused every round.
 
     Rebuilding them each round would retrace the engine's compiled step every time, which
     costs more than a small hospital's whole round. The noise multiplier is not part of the
     key: it is set per hospital and round (planned noise differs between hospitals).
     """
-    model = build_model(input_shape, num_classes, filters, dense_units, activation)
+    model = make_model(ModelConfig(**json.loads(model_json)), input_shape, num_classes)
     engine = DPSGDEngine(model, l2_norm_clip=l2_norm_clip, noise_multiplier=0.0,
                          learning_rate=learning_rate, momentum=momentum)
     return model, engine
 
 
 def _prepared(config: Config, input_shape, num_classes, weights, settings):
-    model, engine = _trainer(tuple(input_shape), num_classes, tuple(config.model.filters), config.model.dense_units,
-                             config.model.activation, settings.l2_norm_clip, settings.learning_rate, settings.momentum)
+    model_json = json.dumps(dataclasses.asdict(config.model), sort_keys=True)  # hashable: the cache's key
+    model, engine = _trainer(tuple(input_shape), num_classes, model_json,
+                             settings.l2_norm_clip, settings.learning_rate, settings.momentum)
     model.set_weights(weights)
     engine.reset_optimizer()  # momentum must not carry over from another round or hospital
     return model, engine

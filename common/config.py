@@ -30,6 +30,7 @@ class DataConfig:
     test_fraction: float = 0.2  # central held-out test split, when the source has none
     local_eval_fraction: float = 0.1  # each hospital's local held-out split for federated evaluation
     on_bad_image: str = "refuse"  # refuse | skip (and count) unreadable images
+    color: str = "gray"  # folders: gray (one channel) | rgb (keeps colour: stains, fundus, skin)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ModelConfig:
     filters: list[int] = field(default_factory=lambda: [16, 32, 64])  # Conv2D widths, one conv+pool block each
     dense_units: int = 64  # width of the Dense layer before the output
     activation: str = "tanh"  # tanh | relu | elu | sigmoid (bounded ones train better under DP)
+    normalization: str = "none"  # none | group (GroupNorm without affine weights; never batch norm)
 
 
 @dataclass
@@ -86,7 +88,9 @@ CHOICES = {
     "data.source": ("digits", "npz", "folder"),
     "data.partition": ("iid", "dirichlet", "quantity"),
     "data.on_bad_image": ("refuse", "skip"),
+    "data.color": ("gray", "rgb"),
     "model.activation": ("tanh", "relu", "elu", "sigmoid"),
+    "model.normalization": ("none", "group"),
 }
 # (lowest, highest, lowest allowed itself?, highest allowed itself?)
 RANGES = {

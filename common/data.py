@@ -77,7 +77,7 @@ class Dataset:
 
 
 def load_dataset(source: str, path: str = "", *, image_size: int = 0,
-                 on_bad_image: str = "refuse") -> Dataset:
+                 on_bad_image: str = "refuse", color: str = "gray") -> Dataset:
     """Load `source` ("digits", "npz" or "folder") from `path`; see the module docstring."""
     _check_options(source, image_size, on_bad_image)
     if source == "digits":
@@ -85,11 +85,11 @@ def load_dataset(source: str, path: str = "", *, image_size: int = 0,
     root = _existing_path(path, want_dir=(source == "folder"))
     if source == "npz":
         return _load_npz(root, image_size)
-    return _load_folder(root, image_size, on_bad_image)
+    return _load_folder(root, image_size, on_bad_image, color)
 
 
 def load_hospital_paths(source: str, paths: list[str], *, image_size: int = 0,
-                        on_bad_image: str = "refuse") -> list[Dataset]:
+                        on_bad_image: str = "refuse", color: str = "gray") -> list[Dataset]:
     """Load one file or folder per hospital and check they describe the same task.
 
     All hospitals must agree on the input shape (set `image_size` to resize them to one
@@ -98,7 +98,7 @@ def load_hospital_paths(source: str, paths: list[str], *, image_size: int = 0,
     """
     if not paths:
         raise UserError("data.paths is empty: give one data file or folder per hospital")
-    datasets = [load_dataset(source, p, image_size=image_size, on_bad_image=on_bad_image)
+    datasets = [load_dataset(source, p, image_size=image_size, on_bad_image=on_bad_image, color=color)
                 for p in paths]
     first, ref = paths[0], datasets[0]
     for p, ds in zip(paths[1:], datasets[1:]):
@@ -443,7 +443,7 @@ def _class_files(split_dir):
     return out
 
 
-def _load_folder(root, image_size, on_bad_image):
+def _load_folder(root, image_size, on_bad_image, color="gray"):
     layout = _folder_layout(root)
     per_split = {split: _class_files(d) for split, d in layout.items()}
     class_names = [name for name, _ in per_split["train"]]
@@ -490,11 +490,12 @@ def _load_folder(root, image_size, on_bad_image):
                          f"{DEFAULT_FOLDER_SIZE}x{DEFAULT_FOLDER_SIZE}, a size DP-SGD trains well on a CPU "
                          "(set data.image_size to choose another)")
             target = (DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
-    arrays = np.zeros((len(entries), target[1], target[0], 1), dtype=np.uint8)
+    channels = 3 if color == "rgb" else 1
+    arrays = np.zeros((len(entries), target[1], target[0], channels), dtype=np.uint8)
 
     def decode(i):
         try:
-            arrays[i, :, :, 0] = _decode_gray(entries[i][2], target)
+            arrays[i] = _decode(entries[i][2], target, color)
             return None
         except MemoryError:  # not a bad file: let it surface
             raise
@@ -514,7 +515,7 @@ def _load_folder(root, image_size, on_bad_image):
             keep[i] = False
 
     notes = [f"{root}: {len(class_names)} classes ({_short_list(class_names, 8)}), images "
-             "converted to grayscale"]
+             + ("read as RGB colour" if color == "rgb" else "converted to grayscale (data.color: rgb keeps colour)")]
     if "val" in layout:
         notes.append(f"merged {sum(1 for e, k in zip(entries, keep) if k and e[0] == 'val')} "
                      f"images from {layout['val']} into train")
@@ -547,6 +548,21 @@ def _load_folder(root, image_size, on_bad_image):
 def _refuse(path, err):
     raise UserError(f"cannot read image {path} ({_one_line(err)}); replace or delete it, or "
                     "set data.on_bad_image: skip to leave unreadable images out") from None
+
+
+def _decode(path, target, color):
+    """Decode one image file to (h, w, 1) or, for color "rgb", (h, w, 3) uint8 at `target` (w, h)."""
+    gray = _decode_gray(path, target) if color != "rgb" else None
+    if gray is not None:
+        return gray[..., None]
+    with Image.open(path) as im:
+        if im.mode in _SIXTEEN_BIT_MODES or im.mode == "F":
+            return np.repeat(_decode_gray(path, target)[..., None], 3, axis=-1)
+        im.draft("RGB", target)
+        im = im.convert("RGB")
+        if im.size != target:
+            im = im.resize(target, Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
 
 
 def _decode_gray(path, target):

@@ -59,7 +59,8 @@ def build_federation(config: Config) -> Federation:
     data = config.data
     names = [hospital_name(i) for i in range(config.hospitals)]
     if isinstance(data.path, list):  # one file or folder per hospital
-        datasets = load_hospital_paths(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image)
+        datasets = load_hospital_paths(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image,
+                                       color=data.color)
         shards, tests_x, tests_y = [], [], []
         for index, (name, own) in enumerate(zip(names, datasets)):
             train_x, train_y, test_x, test_y = _central_split(own, config, config.seed + index)
@@ -68,7 +69,8 @@ def build_federation(config: Config) -> Federation:
             tests_y.append(test_y)
         federation = Federation(datasets[0], np.concatenate(tests_x), np.concatenate(tests_y), shards)
     else:
-        dataset = load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image)
+        dataset = load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image,
+                                       color=data.color)
         train_x, train_y, test_x, test_y = _central_split(dataset, config, config.seed)
         parts = partition(train_y, config.hospitals, data.partition, alpha=data.alpha, seed=config.seed)
         shards = [
@@ -96,6 +98,7 @@ def central_test_set(config: Config) -> tuple[Dataset, np.ndarray, np.ndarray]:
         federation = load_federation(config)
         return federation.dataset, federation.test_x, federation.test_y
     data = config.data
-    dataset = load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image)
+    dataset = load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image,
+                                       color=data.color)
     _, _, test_x, test_y = _central_split(dataset, config, config.seed)
     return dataset, test_x, test_y

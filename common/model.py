@@ -9,6 +9,12 @@ the default activation because bounded activations train better under DP-SGD
 from common.tf_setup import keras, tf
 
 
+def make_model(model_config, input_shape, num_classes):
+    """The configured network (the `model` section of the config): the one call both sides make."""
+    return build_model(input_shape, num_classes, model_config.filters, model_config.dense_units,
+                       model_config.activation, model_config.normalization)
+
+
 def build_model(input_shape, num_classes, filters=(16, 32, 64), dense_units=64, activation="tanh",
                 normalization="none"):
     """Return an uncompiled Keras Sequential CNN for images of `input_shape` (H, W, C).

@@ -25,7 +25,10 @@ def _epsilons(latest: dict[str, dict]) -> str:
 
 def round_line(record: dict, total_rounds: int, latest: dict[str, dict]) -> str:
     """'Round 2/5 | accuracy 0.871 loss 0.402 | epsilon: ... | max ... | delta ...'."""
-    scores = f"accuracy {record['accuracy']:.3f} loss {record['loss']:.3f}"
+    scores = f"accuracy {record['accuracy']:.3f}"
+    if "balanced_accuracy" in record:
+        scores += f" balanced {record['balanced_accuracy']:.3f}"
+    scores += f" loss {record['loss']:.3f}"
     if "auc" in record:
         scores += f" auc {record['auc']:.3f}"
     return f"Round {record['round']}/{total_rounds} | {scores} | {_epsilons(latest)} | {record['seconds']:.1f} s"
@@ -37,8 +40,15 @@ def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_a
     lines = ["", f"Finished {len(metrics)} round(s) in {seconds:.1f} s."]
     if metrics:
         final = metrics[-1]
-        lines.append(f"Final global model: accuracy {final['accuracy']:.3f}, loss {final['loss']:.3f}"
+        lines.append(f"Final global model: accuracy {final['accuracy']:.3f}"
+                     + (f", balanced accuracy {final['balanced_accuracy']:.3f}" if "balanced_accuracy" in final else "")
+                     + f", loss {final['loss']:.3f}"
                      + (f", AUC {final['auc']:.3f}" if "auc" in final else "") + " on the central test set.")
+        if final.get("single_class"):
+            lines.append("  Warning: the final model answers the same class for every test image (balanced accuracy "
+                         f"{final.get('balanced_accuracy', 0):.3f}): it has learnt nothing beyond the majority class. "
+                         "With this little data per hospital the budget buys too few useful DP-SGD steps: "
+                         "raise privacy.max_epsilon, pool hospitals, or add data.")
     if latest:
         worst = max(latest.values(), key=lambda r: r["epsilon"])
         lines.append(f"Privacy: maximum epsilon {worst['epsilon']:.3f} at delta {worst['delta']:g} "

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import from_run_config, to_dict
 from common.federation import central_test_set
 from common.metrics import evaluate_model
-from common.model import build_model
+from common.model import make_model
 from common.tf_setup import keras
 from server.ledger import PrivacyLedger
 from server.plan import ask_plans, plan_lines, wait_for_hospitals
@@ -35,8 +35,7 @@ def main(grid: Grid, context: Context) -> None:
     dataset, test_x, test_y = central_test_set(config)
 
     keras.utils.set_random_seed(config.seed)
-    model = build_model(dataset.input_shape, dataset.num_classes, config.model.filters,
-                        config.model.dense_units, config.model.activation)
+    model = make_model(config.model, dataset.input_shape, dataset.num_classes)
     arrays = ArrayRecord(model.get_weights())
     ledger = PrivacyLedger(run.ledger)
     strategy = PrivateFedAvg(
@@ -83,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
         record["seconds"] = round(time.time() - round_started, 3)
         run.append_metrics(record)
         print(round_line(record, config.rounds, ledger.latest()), flush=True)
-        if strategy.everyone_exhausted(config.hospitals):
+        if strategy.everyone_exhausted(config.hospitals) and server_round < config.rounds:
             print(f"Stopping after round {server_round}: no hospital can afford another round.", flush=True)
             break
 
