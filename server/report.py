@@ -61,8 +61,9 @@ def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_a
         if declined_at:
             hospital, needed = min(declined_at.items(), key=lambda item: item[1])
             lines.append(f"  {len(declined_at)} hospital(s) declined; the cheapest, {hospital}, would have reached "
-                         f"epsilon {needed:.3f} > {latest[hospital]['max_epsilon']:g}. To train within the budget, "
-                         "raise dp.noise_multiplier or lower train.local_epochs.")
+                         f"epsilon {needed:.3f} > {latest[hospital]['max_epsilon']:g}. The budget left cannot pay for a "
+                         "useful round: only the hospital can raise its privacy.max_epsilon (with a fixed "
+                         "dp.noise_multiplier, raising it or lowering train.local_epochs also helps).")
     lines.append(f"Run directory: {run.path} (config.yaml, metrics.jsonl, privacy_ledger.jsonl, model.keras, "
                  "accuracy.png, epsilon.png)")
     lines.append(f"Audit it: python -m server.audit {run.path}")
