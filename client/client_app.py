@@ -59,7 +59,8 @@ def _guarded(handler):
             return handler(msg, context)
         except Exception as error:  # noqa: BLE001 - every error must be contained here
             category = error_category(error)
-            details = "".join(traceback.format_exception(error))
+            # A user's mistake is one line (what and how to fix); anything else keeps its traceback.
+            details = str(error) if isinstance(error, UserError) else "".join(traceback.format_exception(error))
             logging.getLogger("hospital").error("%s failed (%s): %s", handler.__name__, category, details)
             _error_log(context, f"{handler.__name__} failed ({category}):\n{details}")
             return Message(error=Error(code=ERROR_CODE, reason=category), reply_to=msg)
