@@ -54,4 +54,4 @@ from server.audit.accounting import _pld_epsilon, _rdp_epsilon, reference_epsilo
 from server.audit.checks import ACCOUNTANTS, AuditReport, AuditRow, HospitalSummary, audit_ledger  # noqa: F401
 from server.audit.cli import main  # noqa: F401
 from server.audit.output import format_report, plot_report  # noqa: F401
-from server.audit.reading import LEDGER_NAME, LedgerError, ledger_path, read_ledger  # noqa: F401
+from server.audit.reading import LEDGER_NAME, LedgerError, RunContext, ledger_path, read_context, read_ledger  # noqa: F401

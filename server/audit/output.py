@@ -8,16 +8,17 @@ import numpy as np
 
 from server.audit.accounting import _dp_accounting_version
 from server.audit.checks import RDP_NOTE_MARGIN, AuditReport, AuditRow
-from server.audit.reading import _is_int, _is_number
+from server.audit.reading import _is_int, _is_number, _short
 
 # --------------------------------------------------------------------------- output
 
 def _fmt(value, spec: str = ".6f") -> str:
     if value is None:
         return "n/a"
-    if _is_number(value):
-        return "inf" if math.isinf(value) else format(value, spec)
-    return repr(value)
+    if _is_number(value) and not (spec == "d" and not _is_int(value)):
+        text = "inf" if math.isinf(value) else format(value, spec)
+        return text if len(text) <= 40 else _short(value)
+    return _short(value)  # a hostile value: shown, cut short, never formatted as what it is not
 
 
 def format_report(report: AuditReport, source: str = "") -> str:
