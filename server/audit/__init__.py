@@ -3,17 +3,23 @@
     python -m server.audit runs/RUN_DIR                      # table; exit 0 if every figure recomputes
     python -m server.audit runs/RUN_DIR/privacy_ledger.jsonl --accountant pld
     python -m server.audit runs/RUN_DIR --json               # one JSON object instead of the table
-    python -m server.audit runs/RUN_DIR --plot epsilon.png   # cumulative epsilon per hospital
+    python -m server.audit runs/RUN_DIR --plot epsilon.png   # cumulative epsilon per hospital (or --plot DIR)
+    python -m server.audit runs/RUN_DIR --odometer /var/lib/hospital-fl/odometer.jsonl
+
+Layout: reading.py (ledger, run files, field checks), accounting.py (PLD/RDP), checks.py (the
+audit), output.py (table, plot), cli.py (arguments only; `__main__.py` runs it).
 
 Exit status: 0 every check passes; 1 discrepancies (listed, numbered); 2 bad input (missing
-file, malformed JSON line, missing field: one line on stderr, no traceback).
+file, malformed JSON line, missing field, values beyond what can be recomputed: one line on
+stderr, never a traceback).
 
-Trust boundary. This file is for a privacy officer who does not trust the training code, so it
-imports only the standard library, numpy, matplotlib and dp_accounting: nothing that trains
+Trust boundary. This package is for a privacy officer who does not trust the training code, so it
+imports only the standard library, numpy, matplotlib, PyYAML and dp_accounting: nothing that trains
 (no tensorflow, no common.*, client.* or other server.* module). It reads the ledger's public
 mechanism fields (noise multiplier, Poisson sampling rate, steps) and recomputes.
 
-Privacy unit: one example of one hospital's training set, add-or-remove-one adjacency. The
+Privacy unit: one example of one hospital's training set, zero-out adjacency (equivalently
+add/remove-one with the data set size n public, which every record carries). The
 mechanism is DP-SGD with Poisson subsampling; anything else is refused ("unsupported sampling").
 
 Canonical accounting (the training side computes it the same way):
@@ -48,7 +54,17 @@ Checks, each failure one numbered discrepancy:
   - no epsilon (reported or recomputed) exceeds the hospital's max_epsilon;
   - max_epsilon and delta never change for a hospital; steps == 0 when budget_exhausted;
     rounds strictly increase per hospital; types and ranges: 0 < q <= 1, sigma >= 0,
-    steps >= 0, 0 < delta < 1, sampling "poisson", accountant "pld".
+    steps >= 0, 0 < delta < 1, sampling "poisson", accountant "pld"; steps > 0 when trained;
+    at most 1e7 steps per record and sigma 0 or >= 0.1 (beyond that, recomputing would not end);
+  - against config.yaml beside the ledger: sigma equals dp.noise_multiplier (with "auto", it
+    stays fixed per hospital), q = min(1, batch_size / num_examples), trained steps =
+    max(1, ceil(local_epochs / q));
+  - with every hospital asked every round (fraction_train 1): no hospital's records stop
+    before the run's last round without a budget_exhausted record (unless status.json names
+    it failed or rejected), and every configured hospital has records;
+  - metrics.jsonl: no round has more hospitals_trained than trained ledger records;
+  - --odometer FILE: the odometer's hash chain is intact and it holds every trained record
+    of each hospital it names.
 """
 from server.audit.accounting import _pld_epsilon, _rdp_epsilon, reference_epsilons  # noqa: F401
 from server.audit.checks import ACCOUNTANTS, AuditReport, AuditRow, HospitalSummary, audit_ledger  # noqa: F401

@@ -43,7 +43,7 @@ def format_report(report: AuditReport, source: str = "") -> str:
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     out = [f"Privacy ledger audit{': ' + source if source else ''}",
            (f"{len(report.rows)} records, {len(report.hospitals)} hospitals. Unit: one training example, "
-            "add-or-remove-one adjacency; DP-SGD with Poisson sampling; epsilon recomputed with "
+            "zero-out adjacency (n public); DP-SGD with Poisson sampling; epsilon recomputed with "
             f"dp_accounting {_dp_accounting_version()} (PLD, RDP cross-check)."), ""]
     out += ["  ".join(cell.rjust(w) if i not in (1, 2) else cell.ljust(w)
                       for i, (cell, w) in enumerate(zip(line, widths))).rstrip() for line in table]
