@@ -96,6 +96,8 @@ def _hashes(x: np.ndarray, y: np.ndarray) -> list[str]:
     """example_hashes, computed once per process for the same (cached) training array."""
     cached = _HASHES.get(id(x))
     if cached is None or cached[0] is not x:
+        if len(_HASHES) >= 64:  # bounded: the entries keep their arrays alive
+            _HASHES.clear()
         cached = _HASHES[id(x)] = (x, example_hashes(x, y))
     return cached[1]
 
@@ -105,7 +107,8 @@ def _check_delta(name: str, delta: float, n: int) -> None:
     if delta >= 1.0 / n:
         raise OdometerError(f"{name}: delta {delta:g} is not below 1/n = {1.0 / n:.3g} for its {n} training "
                             "examples (that would allow releasing one example outright): lower delta")
-    if delta > 0.1 / n:
+    if delta > 0.1 / n and f"delta|{name}" not in _ANNOUNCED:
+        _ANNOUNCED.add(f"delta|{name}")
         log.warning("%s: delta %g is above 1/(10 n) = %.3g; a delta well below 1/n is the usual advice",
                     name, delta, 0.1 / n)
 
@@ -177,21 +180,22 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size,
                            on_bad_image=config.data.on_bad_image)
     train_x, train_y = dataset.train_x, dataset.train_y
+    hashes = _hashes(train_x, train_y)
     if dataset.test_x is not None and len(dataset.test_x):
         eval_x, eval_y = dataset.test_x, dataset.test_y
     else:
         # The hospital's split: its own fraction and seed, stored beside the odometer the first
         # time and reused; nothing in the run config can move an example.
-        hashes = _hashes(train_x, train_y)
         seed = str(node_config.get("split-seed", fingerprint(hashes)))
         train_idx, eval_idx = hospital_split(hashes, odometer_path.with_name(odometer_path.name + ".split.json"),
                                              eval_fraction, seed)
         train_x, train_y, eval_x, eval_y = train_x[train_idx], train_y[train_idx], train_x[eval_idx], train_y[eval_idx]
+        hashes = [hashes[i] for i in train_idx]
     if len(train_y) == 0:
         raise UserError(f"{name} has no training examples in {node_config['data-path']}")
     _check_delta(name, delta, len(train_y))
     odometer = PrivacyOdometer(odometer_path, name, max_epsilon, delta,
-                               data_fingerprint=fingerprint(_hashes(train_x, train_y)))
+                               data_fingerprint=fingerprint(hashes))
     evaluate = str(node_config.get("evaluate", True)).lower() not in ("false", "0", "no")
     site = HospitalSite(name, train_x, train_y, eval_x, eval_y, dataset.num_classes, odometer, evaluate)
     _announce(site, "this hospital's own")
