@@ -132,6 +132,11 @@ def simulation_site(config: Config, partition_id: int) -> HospitalSite:
     federation = load_federation(config)
     shard = federation.shards[partition_id]
     _check_delta(shard.name, config.privacy.delta, len(shard.train_y))
+    legacy = sorted(Path(config.privacy.odometer_dir).glob("hospital-*.jsonl"))
+    if legacy:  # per-name odometers of an earlier version cannot be matched to images: never ignore them
+        raise OdometerError(f"{legacy[0].parent} holds per-hospital odometers of an earlier version "
+                            f"({legacy[0].name}, ...) that cannot be matched to images: move them out of "
+                            "privacy.odometer_dir (or choose another directory) to start image-based accounting")
     hashes = _hashes(shard.train_x, shard.train_y)
     registry = ShardRegistry(Path(config.privacy.odometer_dir))
     source = config.data.path[partition_id] if isinstance(config.data.path, list) else config.data.path

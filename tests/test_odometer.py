@@ -119,3 +119,12 @@ def test_simulated_accounting_follows_the_images(tmp_path):
         overlapping += shares
         assert site.odometer.events(exclude_run=2) == ([EVENT] if shares else [])
     assert overlapping >= 1
+
+
+def test_per_name_odometers_of_an_earlier_version_are_not_ignored(tmp_path):
+    from client.task import simulation_site
+
+    (tmp_path / "hospital-0.jsonl").write_text(json.dumps(EVENT.to_dict() | {"run": 1, "round": 1}) + "\n")
+    config = load_config(None, [f"privacy.odometer_dir={tmp_path}", "hospitals=2", "train.batch_size=16"])
+    with pytest.raises(OdometerError, match="earlier version"):
+        simulation_site(config, 0)
