@@ -24,6 +24,7 @@ from common.errors import UserError
 
 log = logging.getLogger("hospital")
 VERSION = 1
+_WARNED: set[str] = set()  # split files already warned about in this process
 
 
 def _is_eval(example_hash: str, seed: str, fraction: float) -> bool:
@@ -37,7 +38,8 @@ def hospital_split(hashes: list[str], path: str | Path, fraction: float, seed: s
     stored = _read(path)
     if stored is None:
         stored = {"version": VERSION, "eval_fraction": fraction, "split_seed": seed, "eval": [], "train": []}
-    elif (stored["eval_fraction"], stored["split_seed"]) != (fraction, seed):
+    elif (stored["eval_fraction"], stored["split_seed"]) != (fraction, seed) and str(path) not in _WARNED:
+        _WARNED.add(str(path))
         log.warning("%s keeps the split it was made with (eval-fraction %s): examples never move between "
                     "training and evaluation, and new examples are placed with the stored settings",
                     path, stored["eval_fraction"])
