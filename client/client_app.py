@@ -3,16 +3,34 @@
 Site facts (hospital id, data, budget, odometer) come from the node config in deployment
 and from the simulation's config plus partition id in simulation; the round's training
 settings come from the coordinator's message.
+
+Errors: nothing a hospital sends may carry text from its data or file system (an image's
+path often holds a record number and a diagnosis). Every exception in a handler is caught;
+the details go to the hospital's own log (stderr of its SuperNode, and
+`<odometer>.errors.log` when the odometer path is known), and the reply is a Flower error
+Message whose reason is one fixed category and nothing else:
+  "data"     the hospital's data or split could not be read or used;
+  "budget"   the odometer is unreadable or tampered with, or the budget settings are invalid;
+  "settings" the coordinator's training settings are unusable (refused before any charge);
+  "internal" anything else.
+The coordinator reads it with `msg.has_error()` and `msg.error.reason`.
 """
+import functools
 import json
 import logging
 import sys
+import traceback
+from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.task import TrainSettings, deployment_site, evaluate_round, plan_summary, simulation_site, train_round
 from common.config import from_run_config
+from common.errors import UserError
+
+ERROR_CATEGORIES = ("data", "budget", "settings", "internal")
+ERROR_CODE = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION: the number carries no text
 
 app = ClientApp()
 
@@ -22,6 +40,44 @@ _handler = logging.StreamHandler(sys.stderr)
 _handler.setFormatter(logging.Formatter("%(asctime)s hospital %(message)s"))
 logging.getLogger("hospital").addHandler(_handler)
 logging.getLogger("hospital").setLevel(logging.INFO)
+
+
+def error_category(error: BaseException) -> str:
+    """The fixed category of an exception: the only thing about it that leaves the hospital."""
+    category = getattr(error, "category", None)
+    if category in ERROR_CATEGORIES:
+        return category
+    return "data" if isinstance(error, UserError) else "internal"
+
+
+def _guarded(handler):
+    """Run a handler; on any exception reply with its category only and log the details locally."""
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as error:  # noqa: BLE001 - every error must be contained here
+            category = error_category(error)
+            # A user's mistake is one line (what and how to fix); anything else keeps its traceback.
+            details = str(error) if isinstance(error, UserError) else "".join(traceback.format_exception(error))
+            logging.getLogger("hospital").error("%s failed (%s): %s", handler.__name__, category, details)
+            _error_log(context, f"{handler.__name__} failed ({category}):\n{details}")
+            return Message(error=Error(code=ERROR_CODE, reason=category), reply_to=msg)
+
+    return wrapper
+
+
+def _error_log(context: Context, text: str) -> None:
+    """Append to `<odometer-path>.errors.log` on a deployed hospital (best effort: stderr has it too)."""
+    path = context.node_config.get("odometer-path")
+    if not path:
+        return
+    try:
+        with open(Path(str(path)).absolute().with_suffix(".errors.log"), "a", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+    except OSError:
+        pass
 
 
 def _site(context: Context):
@@ -36,6 +92,7 @@ def _settings(round_config) -> TrainSettings:
 
 
 @app.query()
+@_guarded
 def plan(msg: Message, context: Context) -> Message:
     """Before round 1: the hospital's privacy plan for this run (public numbers only)."""
     config, site = _site(context)
@@ -44,6 +101,7 @@ def plan(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@_guarded
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this hospital's data with DP-SGD, within its budget."""
     config, site = _site(context)
@@ -79,6 +137,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this hospital's local held-out split (if the hospital allows it)."""
     config, site = _site(context)

@@ -8,12 +8,14 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from client.odometer import PrivacyOdometer
+from client.odometer import OdometerError, PrivacyOdometer, example_hashes, fingerprint
+from client.split import hospital_split
 from common.config import Config, ModelConfig
 from common.data import load_dataset
 from common.dp_sgd import DPSGDEngine
@@ -21,7 +23,6 @@ from common.errors import UserError
 from common.federation import load_federation
 from common.metrics import evaluate_model
 from common.model import make_model
-from common.partition import holdout_split
 from common.privacy import (NoisePlan, PrivacyEvent, epsilon, plan_noise, sampling_rate_for,
                             steps_for, useful_noise_limit)
 
@@ -42,6 +43,12 @@ class HospitalSite:
     evaluate: bool = True  # the hospital's switch for federated evaluation on its held-out split
 
 
+class SettingsError(UserError):
+    """The coordinator's training settings are unusable: refused before any charge."""
+
+    category = "settings"
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """The round's training settings, chosen by the coordinator (public)."""
@@ -53,6 +60,19 @@ class TrainSettings:
     l2_norm_clip: float
     noise_multiplier: float | str  # a number, or "auto": the hospital plans its own (client-side)
     planned_rounds: int  # rounds the coordinator plans for this run; "auto" pays for all of them
+
+    def __post_init__(self):
+        # The coordinator sends these: refuse what the engine would refuse before anything is charged.
+        for name, ok in (("batch_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                         ("local_epochs", lambda v: v > 0), ("learning_rate", lambda v: v > 0),
+                         ("momentum", lambda v: 0 <= v < 1), ("l2_norm_clip", lambda v: v > 0),
+                         ("noise_multiplier", lambda v: v >= 0),
+                         ("planned_rounds", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
+            value = getattr(self, name)
+            if name == "noise_multiplier" and value == "auto":
+                continue
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and ok(value)):
+                raise SettingsError(f"training setting {name}={value!r} is out of range or not a finite number")
 
     @classmethod
     def from_config(cls, config: Config) -> "TrainSettings":
@@ -73,38 +93,124 @@ class TrainOutcome:
     train_loss: float = field(default=float("nan"))  # stays local: not differentially private
 
 
+SIMULATION_ODOMETER = "simulation.jsonl"  # one file for every simulated hospital, charges tagged by shard
+_HASHES: dict[int, tuple[np.ndarray, list[str]]] = {}  # id(array) -> (array, example hashes), per process
+_ANNOUNCED: set[str] = set()
+
+
+def _hashes(x: np.ndarray, y: np.ndarray) -> list[str]:
+    """example_hashes, computed once per process for the same (cached) training array."""
+    cached = _HASHES.get(id(x))
+    if cached is None or cached[0] is not x:
+        if len(_HASHES) >= 64:  # bounded: the entries keep their arrays alive
+            _HASHES.clear()
+        cached = _HASHES[id(x)] = (x, example_hashes(x, y))
+    return cached[1]
+
+
+def _check_delta(name: str, delta: float, n: int) -> None:
+    """delta >= 1/n allows publishing a random example outright: refused. Above 1/(10 n): warned."""
+    if delta >= 1.0 / n:
+        raise OdometerError(f"{name}: delta {delta:g} is not below 1/n = {1.0 / n:.3g} for its {n} training "
+                            "examples (that would allow releasing one example outright): lower delta")
+    if delta > 0.1 / n and f"delta|{name}" not in _ANNOUNCED:
+        _ANNOUNCED.add(f"delta|{name}")
+        log.warning("%s: delta %g is above 1/(10 n) = %.3g; a delta well below 1/n is the usual advice",
+                    name, delta, 0.1 / n)
+
+
+def _announce(site: "HospitalSite", where: str) -> None:
+    """Say once per process where a hospital's odometer is: a wrong path would start it at zero."""
+    key = f"{site.name}|{site.odometer.path}"
+    if key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        log.info("%s: privacy odometer %s (%s)", site.name, site.odometer.path, where)
+
+
 def simulation_site(config: Config, partition_id: int) -> HospitalSite:
-    """A simulated hospital: its shard of the configured data, budget from config.privacy."""
+    """A simulated hospital: its shard of the configured data, budget from config.privacy.
+
+    Accounting follows the images: every simulated hospital charges one shared odometer,
+    each charge tagged with its shard, and a shard counts every earlier charge on a shard
+    that shared at least one image with it (see client/shards.py)."""
+    from client.shards import ShardRegistry  # simulation only
+
     federation = load_federation(config)
     shard = federation.shards[partition_id]
+    _check_delta(shard.name, config.privacy.delta, len(shard.train_y))
+    legacy = sorted(Path(config.privacy.odometer_dir).glob("hospital-*.jsonl"))
+    if legacy:  # per-name odometers of an earlier version cannot be matched to images: never ignore them
+        raise OdometerError(f"{legacy[0].parent} holds per-hospital odometers of an earlier version "
+                            f"({legacy[0].name}, ...) that cannot be matched to images: move them out of "
+                            "privacy.odometer_dir (or choose another directory) to start image-based accounting")
+    hashes = _hashes(shard.train_x, shard.train_y)
+    registry = ShardRegistry(Path(config.privacy.odometer_dir))
+    source = config.data.path[partition_id] if isinstance(config.data.path, list) else config.data.path
+    shard_id = registry.register(hashes, source=f"{config.data.source}:{source}", form=_form(shard.train_x))
     odometer = PrivacyOdometer(
-        Path(config.privacy.odometer_dir) / f"{shard.name}.jsonl",
-        shard.name, config.privacy.max_epsilon, config.privacy.delta,
+        Path(config.privacy.odometer_dir) / SIMULATION_ODOMETER, shard.name,
+        config.privacy.max_epsilon, config.privacy.delta, data_fingerprint=fingerprint(hashes),
+        shard_filter=registry.overlap_filter(shard_id), extra={"shard": shard_id},
     )
-    return HospitalSite(shard.name, shard.train_x, shard.train_y, shard.eval_x, shard.eval_y,
+    site = HospitalSite(shard.name, shard.train_x, shard.train_y, shard.eval_x, shard.eval_y,
                         federation.dataset.num_classes, odometer)
+    _announce(site, "shared by the simulated hospitals; each counts every charge on data overlapping its shard")
+    return site
+
+
+def _form(x: np.ndarray) -> str:
+    """How examples are stored (dtype, shape): hashes compare only between equal forms."""
+    return f"{x.dtype.str}{tuple(x.shape[1:])}"
+
+
+def _finite_number(node_config: dict, key: str) -> float:
+    try:
+        value = float(node_config[key])
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise OdometerError(f"node config {key}={node_config[key]!r} must be a finite number")
+    return value
 
 
 def deployment_site(node_config: dict, config: Config) -> HospitalSite:
-    """A real hospital: data, budget and odometer from its own node config, never the server's."""
+    """A real hospital: data, budget, odometer and split from its own node config, never the server's."""
     required = ("hospital-id", "data-path", "max-epsilon", "delta", "odometer-path")
     missing = [key for key in required if key not in node_config]
     if missing:
         raise UserError(f"node config is missing {', '.join(missing)}: pass them with flower-supernode --node-config")
     name = str(node_config["hospital-id"])
+    max_epsilon, delta = _finite_number(node_config, "max-epsilon"), _finite_number(node_config, "delta")
+    if max_epsilon <= 0 or not 0 < delta < 1:
+        raise OdometerError(f"node config needs max-epsilon > 0 and 0 < delta < 1, got {max_epsilon:g} and {delta:g}")
+    eval_fraction = _finite_number(node_config, "eval-fraction") if "eval-fraction" in node_config else 0.1
+    if not 0 <= eval_fraction < 1:
+        raise UserError(f"node config eval-fraction must be in [0, 1), got {eval_fraction:g}")
+    odometer_path = Path(str(node_config["odometer-path"])).absolute()
     source = str(node_config.get("data-source", "npz"))
     dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size, color=config.data.color,
                            on_bad_image=config.data.on_bad_image)
     train_x, train_y = dataset.train_x, dataset.train_y
+    hashes = _hashes(train_x, train_y)
     if dataset.test_x is not None and len(dataset.test_x):
         eval_x, eval_y = dataset.test_x, dataset.test_y
     else:
-        train_idx, eval_idx = holdout_split(np.arange(len(train_y)), config.data.local_eval_fraction, seed=config.seed)
+        # The hospital's split: its own fraction and seed, stored beside the odometer the first
+        # time and reused; nothing in the run config can move an example.
+        seed = str(node_config.get("split-seed", fingerprint(hashes)))
+        train_idx, eval_idx = hospital_split(hashes, odometer_path.with_name(odometer_path.name + ".split.json"),
+                                             eval_fraction, seed)
         train_x, train_y, eval_x, eval_y = train_x[train_idx], train_y[train_idx], train_x[eval_idx], train_y[eval_idx]
-    odometer = PrivacyOdometer(str(node_config["odometer-path"]), name,
-                               float(node_config["max-epsilon"]), float(node_config["delta"]))
+        hashes = [hashes[i] for i in train_idx]
+    if len(train_y) == 0:
+        raise UserError(f"{name} has no training examples in {node_config['data-path']}")
+    _check_delta(name, delta, len(train_y))
+    odometer = PrivacyOdometer(odometer_path, name, max_epsilon, delta,
+                               data_fingerprint=fingerprint(hashes))
     evaluate = str(node_config.get("evaluate", True)).lower() not in ("false", "0", "no")
-    return HospitalSite(name, train_x, train_y, eval_x, eval_y, dataset.num_classes, odometer, evaluate)
+    site = HospitalSite(name, train_x, train_y, eval_x, eval_y, dataset.num_classes, odometer, evaluate)
+    _announce(site, "this hospital's own")
+    return site
 
 
 @functools.lru_cache(maxsize=4)
@@ -161,7 +267,8 @@ def noise_plan(site: HospitalSite, settings: TrainSettings, run_id: int, round_n
         sigma = float(settings.noise_multiplier)
         return NoisePlan(sigma, q, steps, rounds_left, epsilon(prior, odometer.delta),
                          epsilon(prior + [PrivacyEvent(sigma, q, steps * rounds_left)], odometer.delta))
-    this_run = [r for r in odometer.records if r.get("run") == run_id and int(r.get("steps", 0)) > 0]
+    this_run = [r for r in odometer.records
+                if r.get("run") == run_id and r.get("hospital") == site.name and int(r.get("steps", 0)) > 0]
     if this_run:
         sigma = float(this_run[0]["noise_multiplier"])
         return NoisePlan(sigma, q, steps, rounds_left, epsilon(prior, odometer.delta),
@@ -191,7 +298,6 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
     _check_batch(site, settings)
     num_examples = len(site.train_y)
     plan = noise_plan(site, settings, run_id, round_number)
-    prior = site.odometer.events(exclude_run=run_id)
     if plan is None:
         q = sampling_rate_for(settings.batch_size, num_examples)
         limit = useful_noise_limit(settings.batch_size)
@@ -200,19 +306,20 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
                  site.odometer.spent(), site.odometer.max_epsilon, limit, settings.batch_size)
         declined = PrivacyEvent(limit, q, 0)
         needed = site.odometer.epsilon_after(PrivacyEvent(limit, q, steps_for(settings.local_epochs, q)))
-        return TrainOutcome("budget_exhausted", declined, site.odometer.spent(), prior, num_examples, False,
-                            epsilon_needed=needed)
+        return TrainOutcome("budget_exhausted", declined, site.odometer.spent(),
+                            site.odometer.events(exclude_run=run_id), num_examples, False, epsilon_needed=needed)
     event = PrivacyEvent(plan.noise_multiplier, plan.sampling_rate, plan.steps_per_round)
-    epsilon_after = site.odometer.epsilon_after(event)
-    if epsilon_after > site.odometer.max_epsilon:
+    # Read, budget check and charge under one exclusive lock; the charge is on disk before
+    # training starts, so no update can leave uncounted.
+    reservation = site.odometer.reserve(event, run_id, round_number)
+    prior, epsilon_after = reservation.prior, reservation.epsilon_after
+    if not reservation.charged:
         log.info("%s declines round %d: epsilon would reach %.3f > budget %.3f",
                  site.name, round_number, epsilon_after, site.odometer.max_epsilon)
         declined = PrivacyEvent(plan.noise_multiplier, plan.sampling_rate, 0)
-        return TrainOutcome("budget_exhausted", declined, site.odometer.spent(), prior, num_examples, False,
+        return TrainOutcome("budget_exhausted", declined, reservation.spent, prior, num_examples, False,
                             epsilon_needed=epsilon_after)
 
-    # The charge is on disk before training starts, so no update can leave uncounted.
-    site.odometer.charge(event, run_id, round_number, epsilon_after)
     model, engine = _prepared(config, site.train_x.shape[1:], site.num_classes, weights, settings)
     engine.noise_multiplier = event.noise_multiplier
     stats = engine.train(site.train_x, site.train_y, sampling_rate=event.sampling_rate, steps=event.steps)

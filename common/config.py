@@ -63,7 +63,7 @@ class DPConfig:
 class PrivacyConfig:
     max_epsilon: float = 8.0  # each hospital's own budget; a round that would pass it is declined
     delta: float = 1e-5  # target delta of the (epsilon, delta) guarantee
-    odometer_dir: str = "odometer"  # where each simulated hospital keeps its durable privacy record
+    odometer_dir: str = "odometer"  # where simulated hospitals keep their privacy record; relative = to the project root
 
 
 @dataclass
@@ -186,6 +186,10 @@ def _apply(target, values: dict, prefix: str = "") -> None:
 def validate(config: Config) -> Config:
     """Check every value against CHOICES and RANGES and the cross-field rules."""
     flat = flatten(config)
+    for key, value in flat.items():  # NaN passes every comparison below (nan < 0 is False)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise UserError(f"config key '{key}' must be a finite number, got {value}")
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise UserError(f"config key '{key}' must be one of {' | '.join(allowed)}, got {flat[key]!r}")
@@ -208,6 +212,10 @@ def validate(config: Config) -> Config:
         raise UserError(
             f"config key 'data.path' lists {len(config.data.path)} paths but hospitals={config.hospitals}: give one path per hospital"
         )
+    # Odometers must not depend on the directory the user runs from: a relative path is
+    # relative to the project root, and the resolved (absolute) path is what config.yaml shows.
+    odometer_dir = Path(config.privacy.odometer_dir or "odometer").expanduser()
+    config.privacy.odometer_dir = str(odometer_dir if odometer_dir.is_absolute() else PROJECT_ROOT / odometer_dir)
     return config
 
 

@@ -323,14 +323,12 @@ class DPSGDEngine:
                 sq, fin = _conv_terms(p, a, g)
             sq_norm += sq
             finish.append(fin)
-        norms = tf.sqrt(sq_norm)
-        # c_i = min(1, C/||g_i||), written so a zero gradient gives c_i = 1, not inf/NaN.
-        clip = self.l2_norm_clip / tf.maximum(norms, self.l2_norm_clip)
+        clip, finite = _clip_factors(sq_norm, losses, self.l2_norm_clip)
         sums = [None] * len(self._variables)
         for fin in finish:
             for index, value in fin(clip).items():
                 sums[index] = value
-        return sums, total
+        return sums, tf.reduce_sum(tf.where(finite, losses, 0.0))
 
     def _clipped_sum_slow(self, x, y, mask):
         variables = self._variables
@@ -348,9 +346,25 @@ class DPSGDEngine:
             per_ex = [g * tf.reshape(mask, [-1] + [1] * (g.shape.rank - 1)) for g in per_ex]
             losses = losses * mask
         sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), 1) for g in per_ex])
-        clip = self.l2_norm_clip / tf.maximum(tf.sqrt(sq), self.l2_norm_clip)
-        sums = [tf.tensordot(clip, g, 1) for g in per_ex]
-        return sums, tf.reduce_sum(losses)
+        clip, finite = _clip_factors(sq, losses, self.l2_norm_clip)
+        sums = [tf.tensordot(clip, _finite_rows(g, finite), 1) for g in per_ex]
+        return sums, tf.reduce_sum(tf.where(finite, losses, 0.0))
+
+
+def _clip_factors(sq_norm, losses, clip_norm):
+    """(c_i = min(1, C/||g_i||), finite_i): c_i = 0 for an example whose gradient or loss is not finite.
+
+    C / max(norm, C) does not bound NaN, and weights chosen by a hostile coordinator can make
+    one example's loss overflow: that example then counts as zero (norm 0 <= C), so it moves
+    the sum by at most C whatever the weights. Written so a zero gradient gives c_i = 1."""
+    finite = tf.math.is_finite(sq_norm) & tf.math.is_finite(losses)
+    safe_sq = tf.where(finite, sq_norm, 0.0)
+    return tf.where(finite, clip_norm / tf.maximum(tf.sqrt(safe_sq), clip_norm), 0.0), finite
+
+
+def _finite_rows(x, keep):
+    """x with the rows (examples) where keep is False set to zero: 0 * NaN would still be NaN."""
+    return tf.where(tf.reshape(keep, [-1] + [1] * (x.shape.rank - 1)), x, tf.zeros_like(x))
 
 
 # ---------------------------------------------------------------------- layer maths
@@ -373,8 +387,9 @@ def _dense_terms(p, a, g):
         sq += g_sq
 
     def finish(clip):
-        cg = g * clip[:, None]
-        out = {p.kernel_index: tf.matmul(a, cg, transpose_a=True)}
+        keep = clip > 0  # rows of non-finite examples are zeroed, inputs included (inf * 0 is NaN)
+        cg = _finite_rows(g, keep) * clip[:, None]
+        out = {p.kernel_index: tf.matmul(_finite_rows(a, keep), cg, transpose_a=True)}
         if p.bias_index is not None:
             out[p.bias_index] = tf.reduce_sum(cg, 0)
         return out
@@ -408,15 +423,17 @@ def _conv_terms(p, a, g):
         sq += tf.reduce_sum(tf.square(per_ex_kernel), [1, 2])
 
     def finish(clip):
+        keep = clip > 0  # rows of non-finite examples are zeroed, inputs included (inf * 0 is NaN)
         if p.ghost:
             kernel = tf.raw_ops.Conv2DBackpropFilter(
-                input=a, filter_sizes=tf.shape(layer.kernel), out_backprop=g * clip[:, None, None, None],
+                input=_finite_rows(a, keep), filter_sizes=tf.shape(layer.kernel),
+                out_backprop=_finite_rows(g, keep) * clip[:, None, None, None],
                 strides=[1, sh, sw, 1], padding=padding, dilations=[1, dh, dw, 1])
         else:
-            kernel = tf.reshape(tf.tensordot(clip, per_ex_kernel, 1), layer.kernel.shape)
+            kernel = tf.reshape(tf.tensordot(clip, _finite_rows(per_ex_kernel, keep), 1), layer.kernel.shape)
         out = {p.kernel_index: kernel}
         if gb is not None:
-            out[p.bias_index] = tf.tensordot(clip, gb, 1)
+            out[p.bias_index] = tf.tensordot(clip, _finite_rows(gb, keep), 1)
         return out
 
     return sq, finish

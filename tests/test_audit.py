@@ -256,14 +256,14 @@ def test_audit_imports_nothing_that_trains():
     code = ("import sys, server.audit; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'tensorflow', 'tf_keras', 'keras', 'flwr', 'common', 'client', 'tensorflow_privacy'}), "
-            "sorted(m for m in sys.modules if m.startswith('server.') and m != 'server.audit'))")
+            "sorted(m for m in sys.modules if m.startswith('server.') and not m.startswith('server.audit')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.stdout.strip() == "[] []", result.stdout + result.stderr
 
 
 def test_parallel_audit_matches_serial(good_records, monkeypatch):
-    monkeypatch.setattr(audit, "PARALLEL_MIN_HISTORIES", 2)  # force the process pool on a small ledger
+    monkeypatch.setattr(audit.accounting, "PARALLEL_MIN_HISTORIES", 2)  # force the process pool on a small ledger
     serial = audit.audit_ledger(good_records, jobs=1)
     audit._pld_epsilon.cache_clear()  # make the workers compute rather than inherit the figures
     audit._rdp_epsilon.cache_clear()
@@ -271,3 +271,158 @@ def test_parallel_audit_matches_serial(good_records, monkeypatch):
     assert parallel.ok
     assert [(r.epsilon_pld, r.epsilon_rdp) for r in parallel.rows] == \
         [(r.epsilon_pld, r.epsilon_rdp) for r in serial.rows]
+
+
+# ------------------------------------------------------------------ the ledger against the run's other files
+
+# Every hospital asked every round with the configured settings; "c" declines in round 3.
+CLEAN = [(rnd, h, 2.0, q, steps, budget, [])
+         for rnd in (1, 2, 3)
+         for h, q, steps, budget in (("a", 0.02, 20, 8.0), ("b", 0.04, 10, 8.0), ("c", 0.02, 20, 0.3))]
+CONFIG = {"hospitals": 3, "rounds": 3, "train": {"batch_size": 64, "local_epochs": 0.4, "fraction_train": 1.0},
+          "dp": {"noise_multiplier": 2.0}}
+
+
+def run_dir(path: Path, records: list[dict], config=None) -> Path:
+    """A run directory: ledger, config.yaml and the metrics.jsonl the server would write for it."""
+    import yaml
+
+    path.mkdir(parents=True, exist_ok=True)
+    save(path / audit.LEDGER_NAME, records)
+    (path / "config.yaml").write_text(yaml.safe_dump(config or CONFIG))
+    counts = {}
+    for record in records:
+        counts[record["round"]] = counts.get(record["round"], 0) + (record["status"] == "trained")
+    (path / "metrics.jsonl").write_text("".join(
+        json.dumps({"round": rnd, "hospitals_trained": n}) + "\n" for rnd, n in sorted(counts.items())))
+    return path
+
+
+@pytest.fixture(scope="module")
+def clean_records(tmp_path_factory) -> list[dict]:
+    records = write_ledger(tmp_path_factory.mktemp("clean") / "l.jsonl", CLEAN)
+    assert [r["status"] for r in records if r["hospital"] == "c"] == ["trained", "trained", "budget_exhausted"]
+    return records
+
+
+def context_findings(path: Path, *extra) -> list[str]:
+    report = audit.audit_ledger(audit.read_ledger(path), accountant="pld",
+                                context=audit.read_context(path, list(extra)))
+    return report.discrepancies
+
+
+def test_a_consistent_run_directory_passes(tmp_path, clean_records):
+    path = run_dir(tmp_path / "run", clean_records)
+    assert context_findings(path) == []
+    result = run_cli(path, "--jobs", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_removed_last_record_and_a_removed_history_are_found(tmp_path, clean_records):
+    without_last = [r for r in clean_records if not (r["hospital"] == "b" and r["round"] == 3)]
+    found = context_findings(run_dir(tmp_path / "one", without_last))
+    assert any("hospital b: records stop at round 2" in d for d in found), found
+    # metrics.jsonl written for the full run still says three trained in round 3... rewrite it from
+    # the full ledger so that the metrics check speaks too.
+    path = run_dir(tmp_path / "two", clean_records)
+    save(path / audit.LEDGER_NAME, without_last)
+    assert any("round 3: metrics.jsonl says 2 hospitals trained but the ledger has 1" in d
+               for d in context_findings(path))
+    without_b = [r for r in clean_records if r["hospital"] != "b"]
+    found = context_findings(run_dir(tmp_path / "three", without_b))
+    assert any("config.yaml has 3 hospitals but the ledger has records of only 2" in d for d in found), found
+
+
+def test_trained_with_zero_steps_is_found(clean_records):
+    records = copy.deepcopy(clean_records)
+    records[1]["steps"] = 0
+    assert any("status trained but steps 0" in d for d in audit.audit_ledger(records, accountant="pld").discrepancies)
+
+
+def test_sampling_rate_times_examples_must_be_the_batch_size(tmp_path, clean_records):
+    records = copy.deepcopy(clean_records)
+    for record in records:
+        if record["hospital"] == "b":
+            record["num_examples"] = 800  # the ledger claims a smaller data set than q implies
+    found = context_findings(run_dir(tmp_path / "run", records))
+    assert any("hospital b: sampling_rate 0.04 x num_examples 800 = 32" in d for d in found), found
+
+
+def test_consistently_recomputed_edits_are_caught_by_the_config(tmp_path):
+    # Sigma raised for "b" and steps cut for "c", every epsilon recomputed to match: only
+    # config.yaml can tell.
+    plan = [(rnd, h, 3.0 if h == "b" else s, q, 5 if h == "c" else n, m, p) for rnd, h, s, q, n, m, p in CLEAN]
+    records = write_ledger(tmp_path / "l.jsonl", plan)
+    assert audit.audit_ledger(records, accountant="pld").ok  # self-consistent on its own
+    found = context_findings(run_dir(tmp_path / "run", records))
+    assert any("hospital b: noise_multiplier 3.0 differs from config.yaml's dp.noise_multiplier 2.0" in d
+               for d in found), found
+    assert any("hospital c: steps 5 differ from config.yaml's train.local_epochs 0.4" in d for d in found), found
+
+
+def test_a_planned_sigma_must_stay_fixed_within_the_run(tmp_path):
+    plan = [(rnd, h, 2.5 if (h == "a" and rnd == 3) else s, q, n, m, p) for rnd, h, s, q, n, m, p in CLEAN]
+    records = write_ledger(tmp_path / "l.jsonl", plan)
+    config = copy.deepcopy(CONFIG)
+    config["dp"]["noise_multiplier"] = "auto"
+    found = context_findings(run_dir(tmp_path / "run", records, config))
+    assert found == ["round 3, hospital a: noise_multiplier changed from 2.0 to 2.5 within the run "
+                     "(a planned sigma is fixed for a hospital's whole run)"], found
+
+
+def test_a_charge_missing_from_the_odometer_is_found(tmp_path, clean_records):
+    from client.odometer import PrivacyOdometer
+    from common.privacy import PrivacyEvent
+
+    path = run_dir(tmp_path / "run", clean_records)
+    odometer = PrivacyOdometer(tmp_path / "a.jsonl", "a", 8.0, DELTA)
+    charges = [r for r in clean_records if r["hospital"] == "a"]
+    for record in charges:
+        event = PrivacyEvent(record["noise_multiplier"], record["sampling_rate"], record["steps"])
+        odometer.charge(event, run=1, round_number=record["round"], epsilon_after=record["epsilon"])
+    assert context_findings(path, tmp_path / "a.jsonl") == []
+    assert run_cli(path, "--odometer", tmp_path / "a.jsonl", "--jobs", "1").returncode == 0
+
+    # The odometer lost round 2 (its line removed): both the chain and the missing charge show.
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    (tmp_path / "cut.jsonl").write_text("\n".join([lines[0], lines[2]]) + "\n")
+    found = context_findings(path, tmp_path / "cut.jsonl")
+    assert any("breaks the hash chain" in d for d in found), found
+    assert any(d.startswith("round 2, hospital a: the ledger's charge") for d in found), found
+    result = run_cli(path, "--odometer", tmp_path / "nope.jsonl")
+    assert result.returncode == 2 and "no such file" in result.stderr
+
+
+@pytest.mark.parametrize("line, code", [
+    ('"steps": 41.0', 1),
+    ('"steps": 1' + "0" * 400, 1),
+    ('"steps": 1000000000000', 1),
+    ('"noise_multiplier": 1e-9', 1),
+    ('"nested": ' + "[" * 100000 + "]" * 100000, 2),
+])
+def test_hostile_values_give_a_finding_or_a_refusal_never_a_traceback(tmp_path, good_records, line, code):
+    text = json.dumps(good_records[1])
+    key = line.split(":")[0]
+    if key in text:
+        start = text.index(key)
+        end = text.index(",", start)
+        text = text[:start] + line + text[end:]
+    else:
+        text = text[:-1] + ", " + line + "}"
+    path = tmp_path / "l.jsonl"
+    path.write_text(json.dumps(good_records[0]) + "\n" + text + "\n")
+    result = run_cli(path, "--jobs", "1")
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    if code == 2:
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plot_into_a_directory_writes_epsilon_png(tmp_path, good_records):
+    path = save(tmp_path / "l.jsonl", good_records)
+    out = tmp_path / "plots"
+    out.mkdir()
+    assert audit.main([str(path), "--plot", str(out), "--jobs", "1"]) == 0
+    assert (out / "epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "plots.png").exists()
+    assert audit.main([str(path), "--plot", str(tmp_path / "missing" / "e.png")]) == 2

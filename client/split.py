@@ -1,0 +1,80 @@
+"""A deployed hospital's own split between training and evaluation examples.
+
+The coordinator must not be able to move an example into the evaluation split (which it
+scores, uncharged, with weights of its choosing) or out of it. So the split depends only on
+the hospital's node config and its data, and is stored beside the odometer the first time:
+`<odometer>.split.json` lists the hashes of the evaluation and training examples, and every
+later run keeps each known example on its side, whatever its settings say.
+
+An example's side is decided by its own content: evaluation when
+SHA-256(seed, example hash) / 2^256 < fraction. Examples added later are placed by the same
+rule with the stored seed and fraction, so adding data never moves an earlier example.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserError
+
+log = logging.getLogger("hospital")
+VERSION = 1
+_WARNED: set[str] = set()  # split files already warned about in this process
+
+
+def _is_eval(example_hash: str, seed: str, fraction: float) -> bool:
+    digest = hashlib.sha256(f"{seed}\n{example_hash}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
+
+
+def hospital_split(hashes: list[str], path: str | Path, fraction: float, seed: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, eval indices) of the examples with `hashes`, stored in/reused from `path`."""
+    path = Path(path)
+    stored = _read(path)
+    if stored is None:
+        stored = {"version": VERSION, "eval_fraction": fraction, "split_seed": seed, "eval": [], "train": []}
+    elif (stored["eval_fraction"], stored["split_seed"]) != (fraction, seed) and str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        log.warning("%s keeps the split it was made with (eval-fraction %s): examples never move between "
+                    "training and evaluation, and new examples are placed with the stored settings",
+                    path, stored["eval_fraction"])
+    evaluation, training = set(stored["eval"]), set(stored["train"])
+    new = [h for h in dict.fromkeys(hashes) if h not in evaluation and h not in training]
+    for h in new:
+        (evaluation if _is_eval(h, stored["split_seed"], stored["eval_fraction"]) else training).add(h)
+    if new:
+        stored["eval"], stored["train"] = sorted(evaluation), sorted(training)
+        _write(path, stored)
+    in_eval = np.array([h in evaluation for h in hashes], dtype=bool)
+    return np.flatnonzero(~in_eval), np.flatnonzero(in_eval)
+
+
+def _read(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(stored, dict) and stored.get("version") == VERSION
+                and isinstance(stored.get("eval"), list) and isinstance(stored.get("train"), list)
+                and isinstance(stored.get("split_seed"), str)
+                and isinstance(stored.get("eval_fraction"), (int, float))):
+            raise ValueError
+        return stored
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        raise UserError(f"the hospital's split file {path} is unreadable: restore it from backup "
+                        "(a new split could move training examples into evaluation)") from None
+
+
+def _write(path: Path, stored: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(stored, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,386 @@
+"""The audit's checks: recompute every record, compare, and number each discrepancy."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from server.audit.accounting import History, _compute_all, _dp_accounting_version, reference_epsilons
+from server.audit.reading import (MAX_STEPS, RunContext, _hospital_key, _is_int, _is_number, _mechanism_problems,
+                                  _missing, _record_problems, _valid_delta, odometer_chain_problems)
+
+ACCOUNTANTS = ("pld", "rdp", "both")
+REL_TOL = 1e-6                # reported vs recomputed epsilon, relative
+ABS_TOL = 1e-9                # ... and absolute, for figures near zero
+RDP_NOTE_MARGIN = 0.01        # note when PLD exceeds the RDP bound by more than 1%
+
+# --------------------------------------------------------------------------- audit
+
+@dataclass
+class AuditRow:
+    """One ledger record with its recomputed figures."""
+
+    round: object
+    hospital: str
+    status: object
+    steps: object
+    sampling_rate: object
+    noise_multiplier: object
+    delta: object
+    max_epsilon: object
+    epsilon_reported: object
+    epsilon_pld: float | None = None      # None: could not be recomputed (see discrepancies)
+    epsilon_rdp: float | None = None      # None: not requested or not recomputable
+    remaining: float | None = None        # max_epsilon - epsilon_pld
+    discrepancies: list[int] = field(default_factory=list)  # numbers in AuditReport.discrepancies
+
+
+@dataclass
+class HospitalSummary:
+    """A hospital's final state in the ledger."""
+
+    hospital: str
+    records: int
+    trained_rounds: int
+    prior_steps: int
+    total_steps: int
+    last_round: object
+    last_status: object
+    delta: object
+    max_epsilon: object
+    epsilon_reported: object
+    epsilon_pld: float | None
+    epsilon_rdp: float | None
+    remaining: float | None
+
+
+@dataclass
+class AuditReport:
+    """Rows, per-hospital summaries, numbered discrepancies (failures) and notes (not failures)."""
+
+    rows: list[AuditRow]
+    hospitals: list[HospitalSummary]
+    discrepancies: list[str]
+    notes: list[str]
+    accountant: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.discrepancies
+
+    def federation_max(self) -> HospitalSummary | None:
+        """The hospital with the largest recomputed epsilon: the federation's guarantee."""
+        known = [h for h in self.hospitals if h.epsilon_pld is not None]
+        return max(known, key=lambda h: h.epsilon_pld) if known else None
+
+    def to_dict(self) -> dict:
+        top = self.federation_max()
+        return _jsonable({
+            "ok": self.ok,
+            "accountant": self.accountant,
+            "rows": [asdict(row) for row in self.rows],
+            "hospitals": [asdict(h) for h in self.hospitals],
+            "federation_max": None if top is None else
+            {"hospital": top.hospital, "epsilon_pld": top.epsilon_pld, "delta": top.delta},
+            "discrepancies": self.discrepancies,
+            "notes": self.notes,
+        })
+
+
+def _jsonable(value):
+    # Strict JSON has no Infinity/NaN: write them as strings a reader can still parse.
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def _close(reported: float, recomputed: float) -> bool:
+    if math.isinf(reported) or math.isinf(recomputed):
+        return reported == recomputed
+    return abs(reported - recomputed) <= max(REL_TOL * abs(recomputed), ABS_TOL)
+
+
+def audit_ledger(records: list[dict], accountant: str = "both", jobs: int = 1,
+                 context: RunContext | None = None) -> AuditReport:
+    """Recompute every record's epsilon and run every check; `jobs` processes for large ledgers.
+
+    With a `context` (the run's config.yaml, metrics.jsonl, status.json, odometers) the ledger
+    is also compared with those: see `_config_problems` and `_run_problems`."""
+    context = context or RunContext()
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+    want_rdp = accountant != "pld"
+    discrepancies: list[str] = []
+    notes: list[str] = []
+    rows: list[AuditRow] = []
+    pending: list[tuple[AuditRow, History, float] | None] = []  # what to recompute per row
+    state: dict[str, dict] = {}                                   # per hospital, built incrementally
+
+    position: dict[int, int] = {}  # id(row) -> index in rows
+    found: list[tuple[int, int, str]] = []  # (row index, order found, message): numbered by row at the end
+
+    def flag(row: AuditRow, message: str) -> None:
+        found.append((position[id(row)], len(found), f"round {row.round}, hospital {row.hospital}: {message}"))
+
+    for record in records:
+        hospital = _hospital_key(record.get("hospital"))
+        get = record.get
+        row = AuditRow(get("round"), hospital, get("status"), get("steps"), get("sampling_rate"),
+                       get("noise_multiplier"), get("delta"), get("max_epsilon"), get("epsilon"))
+        position[id(row)] = len(rows)
+        rows.append(row)
+        first = hospital not in state
+        hs = state.setdefault(hospital, {"groups": {}, "broken": False, "records": 0, "trained": 0,
+                                         "prior_steps": 0, "first": record, "prev_round": None})
+        hs["records"] += 1
+        hs["last"] = row
+        missing = _missing(record, first)
+        if missing:
+            flag(row, f"{missing}; this and later rounds of {hospital} cannot be recomputed")
+            hs["broken"] = True
+            pending.append(None)
+            continue
+
+        for problem in _record_problems(record):
+            flag(row, problem)
+        if first:
+            for index, event in enumerate(record["prior_events"]):
+                for problem in _mechanism_problems(event):
+                    flag(row, f"prior_events[{index}]: {problem}; {hospital} cannot be recomputed")
+                    hs["broken"] = True
+        elif record.get("prior_events"):
+            # Canonical accounting reads prior_events on the first record only: spend listed
+            # later would be silently ignored, so refuse it.
+            flag(row, "prior_events on a later record are outside canonical accounting; "
+                      "earlier spend belongs on the hospital's first record")
+        mechanism = _mechanism_problems(record)
+        for problem in mechanism:
+            flag(row, f"{problem}; this and later rounds of {hospital} cannot be recomputed")
+        hs["broken"] = hs["broken"] or bool(mechanism)
+
+        # Consistency within the hospital's history.
+        head = hs["first"]
+        if not first:
+            for name in ("delta", "max_epsilon"):
+                if record[name] != head[name]:
+                    flag(row, f"{name} changed from {head[name]!r} to {record[name]!r}; "
+                              f"a hospital's {name} is fixed by its own configuration")
+        if _is_int(record["round"]):
+            if hs["prev_round"] is not None and record["round"] <= hs["prev_round"]:
+                flag(row, f"round does not increase (previous record of {hospital} was round {hs['prev_round']})")
+            hs["prev_round"] = record["round"]
+        if record["status"] == "budget_exhausted" and record["steps"] != 0:
+            flag(row, f"status budget_exhausted but steps {record['steps']!r}; an exhausted hospital runs no steps")
+        if record["status"] == "trained":
+            hs["trained"] += 1
+            if record["steps"] == 0:
+                flag(row, "status trained but steps 0: a trained round runs at least one DP-SGD step")
+        for problem in _config_problems(record, context.config, hs):
+            flag(row, problem)
+
+        if hs["broken"]:
+            pending.append(None)
+            continue
+        groups = hs["groups"]
+        events = (record["prior_events"] + [record]) if first else [record]
+        for index, event in enumerate(events):
+            if event["steps"] > 0:
+                key = (event["noise_multiplier"], event["sampling_rate"], event["sampling"])
+                groups[key] = groups.get(key, 0) + event["steps"]
+                if first and index < len(events) - 1:
+                    hs["prior_steps"] += event["steps"]
+        if sum(groups.values()) > 10 * MAX_STEPS:
+            flag(row, f"{hospital} has run more than {10 * MAX_STEPS:.0e} steps, beyond what can be recomputed")
+            hs["broken"] = True
+            pending.append(None)
+            continue
+        if not _valid_delta(record["delta"]):
+            pending.append(None)  # already flagged; no figure at a meaningless delta
+            continue
+        pending.append((row, tuple(groups.items()), float(record["delta"])))
+
+    # Recompute each distinct (history, delta) once: budget_exhausted rounds and hospitals
+    # with identical settings share histories.
+    unique = list(dict.fromkeys(item[1:] for item in pending if item is not None))
+    figures = dict(zip(unique, _compute_all(unique, want_rdp, jobs)))
+    for row, item in zip(rows, pending):
+        if item is None:
+            continue
+        _, history, delta = item
+        row.epsilon_pld, row.epsilon_rdp = figures[(history, delta)]
+        if _is_number(row.max_epsilon):
+            row.remaining = row.max_epsilon - row.epsilon_pld
+        reported = row.epsilon_reported
+        if _is_number(reported) and not _close(reported, row.epsilon_pld):
+            kind = ("understated: the ledger claims less privacy loss than was spent"
+                    if reported < row.epsilon_pld else "overstated")
+            flag(row, f"reported epsilon {reported:.9g}, recomputed {row.epsilon_pld:.9g} (PLD): {kind}")
+        if _is_number(row.max_epsilon):
+            if _is_number(reported) and reported > row.max_epsilon:
+                flag(row, f"reported epsilon {reported:.9g} exceeds the hospital's max_epsilon {row.max_epsilon:g}")
+            elif row.epsilon_pld > row.max_epsilon * (1 + REL_TOL):
+                flag(row, f"recomputed epsilon {row.epsilon_pld:.9g} exceeds the hospital's max_epsilon {row.max_epsilon:g}")
+        if row.epsilon_rdp is not None and row.epsilon_pld > row.epsilon_rdp * (1 + RDP_NOTE_MARGIN):
+            notes.append(f"round {row.round}, hospital {row.hospital}: PLD epsilon {row.epsilon_pld:.6g} "
+                         f"exceeds the RDP upper bound {row.epsilon_rdp:.6g} by more than 1%")
+
+    for number, (index, _, message) in enumerate(sorted(found), start=1):
+        discrepancies.append(message)
+        rows[index].discrepancies.append(number)
+    if unique:
+        _self_check(unique, figures, want_rdp, discrepancies)  # after the rows: not tied to one
+    run_problems, run_notes = _run_problems(records, context)
+    discrepancies += run_problems
+    notes += run_notes
+
+    hospitals = []
+    for name, hs in state.items():
+        last: AuditRow = hs["last"]
+        total = sum(hs["groups"].values()) if not hs["broken"] else None
+        hospitals.append(HospitalSummary(
+            hospital=name, records=hs["records"], trained_rounds=hs["trained"],
+            prior_steps=hs["prior_steps"], total_steps=total, last_round=last.round,
+            last_status=last.status, delta=last.delta, max_epsilon=last.max_epsilon,
+            epsilon_reported=last.epsilon_reported, epsilon_pld=last.epsilon_pld,
+            epsilon_rdp=last.epsilon_rdp, remaining=last.remaining))
+    return AuditReport(rows, hospitals, discrepancies, notes, accountant)
+
+
+def _self_check(unique: list, figures: dict, want_rdp: bool, discrepancies: list[str]) -> None:
+    """Compare the fast path with the accountants themselves on the most complex history."""
+    history, delta = max(unique, key=lambda item: (len(item[0]), sum(s for _, s in item[0])))
+    reference = reference_epsilons(history, delta)
+    fast = figures[(history, delta)]
+    for name, mine, theirs in (("PLD", fast[0], reference[0]), ("RDP", fast[1], reference[1])):
+        if (name == "PLD" or want_rdp) and mine != theirs:
+            discrepancies.append(
+                f"audit self-check: {name} fast path gives {mine!r} but {name}Accountant gives {theirs!r} "
+                f"for {history} at delta {delta}; the installed dp_accounting "
+                f"({_dp_accounting_version()}) differs from the one this audit was written for (0.6.0)")
+
+
+# --------------------------------------------------------------------------- against the run's other files
+
+def _setting(config: dict | None, section: str, name: str):
+    value = (config or {}).get(section)
+    return value.get(name) if isinstance(value, dict) else None
+
+
+def _config_problems(record: dict, config: dict | None, hs: dict) -> list[str]:
+    """The record's mechanism against config.yaml: sigma, q x n = batch size, steps from local epochs.
+
+    The training side computes q = min(1, batch_size / n) and steps = max(1, ceil(local_epochs / q)).
+    With `dp.noise_multiplier: auto` each hospital plans its own sigma: it is then not compared
+    with the config, but must stay the same for a hospital throughout the run."""
+    problems = []
+    sigma, q, steps, n = (record.get(k) for k in ("noise_multiplier", "sampling_rate", "steps", "num_examples"))
+    configured_sigma = _setting(config, "dp", "noise_multiplier")
+    if _is_number(sigma):
+        if _is_number(configured_sigma):
+            if sigma != configured_sigma:
+                problems.append(f"noise_multiplier {sigma!r} differs from config.yaml's dp.noise_multiplier {configured_sigma!r}")
+        elif configured_sigma is not None and hs.get("sigma") is not None and sigma != hs["sigma"]:
+            problems.append(f"noise_multiplier changed from {hs['sigma']!r} to {sigma!r} within the run "
+                            "(a planned sigma is fixed for a hospital's whole run)")
+        hs.setdefault("sigma", sigma)
+    batch = _setting(config, "train", "batch_size")
+    if _is_int(batch) and batch > 0 and _is_number(q) and 0 < q <= 1 and _is_int(n) and n > 0:
+        expected = min(1.0, batch / n)
+        if abs(q - expected) > 1e-9 * expected:
+            problems.append(f"sampling_rate {q!r} x num_examples {n} = {q * n:.6g}, but config.yaml's "
+                            f"train.batch_size is {batch} (expected sampling_rate {expected:.9g})")
+        epochs = _setting(config, "train", "local_epochs")
+        if record.get("status") == "trained" and _is_number(epochs) and epochs > 0 and _is_int(steps):
+            planned = max(1, math.ceil(epochs / q))
+            if steps != planned:
+                problems.append(f"steps {steps} differ from config.yaml's train.local_epochs {epochs!r} / "
+                                f"sampling_rate = {planned} steps")
+    return problems
+
+
+def _count(value) -> int:
+    """A count that a metrics or status record may give as a number or as a list of names."""
+    if isinstance(value, list):
+        return len(value)
+    return value if _is_int(value) else 0
+
+
+def _run_problems(records: list[dict], context: RunContext) -> tuple[list[str], list[str]]:
+    """(discrepancies, notes) about the run as a whole: missing records, metrics, odometers."""
+    problems, notes = [], []
+    rounds = [r["round"] for r in records if _is_int(r.get("round"))]
+    metrics = [m for m in context.metrics or [] if _is_int(m.get("round"))]
+    last_round = max(rounds + [m["round"] for m in metrics], default=None)
+    config, status = context.config, context.status or {}
+    excused = set(map(str, status.get("failed_hospitals") or [])) | set(map(str, status.get("rejected_hospitals") or []))
+    fraction = _setting(config, "train", "fraction_train")
+    everyone_asked = config is not None and (fraction is None or fraction == 1)  # None: the schema's default, 1
+
+    # A hospital asked every round leaves a record every round until it declines.
+    last_of: dict[str, dict] = {}
+    for record in records:
+        last_of[_hospital_key(record.get("hospital"))] = record
+    if everyone_asked and last_round is not None:
+        for hospital, record in last_of.items():
+            if (_is_int(record.get("round")) and record["round"] < last_round
+                    and record.get("status") != "budget_exhausted" and hospital not in excused):
+                problems.append(f"hospital {hospital}: records stop at round {record['round']} but the run went on "
+                                f"to round {last_round}, without a declined (budget_exhausted) record: "
+                                "records may have been removed")
+        hospitals = config.get("hospitals") if isinstance(config, dict) else None
+        if _is_int(hospitals) and len(last_of) + len(excused - set(last_of)) < hospitals:
+            problems.append(f"config.yaml has {hospitals} hospitals but the ledger has records of only "
+                            f"{len(last_of)}: a hospital's whole history may have been removed")
+
+    # metrics.jsonl counts the hospitals whose update was averaged each round.
+    trained: dict[int, int] = {}
+    for record in records:
+        if record.get("status") == "trained" and _is_int(record.get("round")):
+            trained[record["round"]] = trained.get(record["round"], 0) + 1
+    for metric in metrics:
+        claimed = metric.get("hospitals_trained")
+        if not _is_int(claimed):
+            continue
+        ledger = trained.get(metric["round"], 0)
+        if ledger < claimed:
+            problems.append(f"round {metric['round']}: metrics.jsonl says {claimed} hospitals trained but the "
+                            f"ledger has {ledger} trained records: charges are missing from the ledger")
+        elif ledger > claimed + _count(metric.get("hospitals_rejected")):
+            notes.append(f"round {metric['round']}: the ledger has {ledger} trained (charged) records but "
+                         f"metrics.jsonl averaged {claimed} updates (rejected replies are charged, not averaged)")
+
+    for name, lines in context.odometers.items():
+        problems += [f"odometer {name}: {p}" for p in odometer_chain_problems(lines)]
+        problems += _odometer_problems(name, records, lines)
+    return problems, notes
+
+
+def _odometer_problems(name: str, records: list[dict], lines: list[dict]) -> list[str]:
+    """Every trained ledger record of a hospital the odometer names must be one of its charges."""
+    available: dict[tuple, int] = {}
+    for line in lines:
+        key = (str(line.get("hospital")), line.get("round"), line.get("noise_multiplier"),
+               line.get("sampling_rate"), line.get("steps"))
+        available[key] = available.get(key, 0) + 1
+    named = {str(line.get("hospital")) for line in lines}
+    ledger_hospitals = {_hospital_key(r.get("hospital")) for r in records}
+    if not named & ledger_hospitals:
+        return [f"odometer {name} holds no charge of any hospital in this ledger "
+                f"(it names {', '.join(sorted(named)) or 'none'}): pass the odometer of a hospital in this run"]
+    problems = []
+    for record in records:
+        hospital = _hospital_key(record.get("hospital"))
+        if hospital not in named or record.get("status") != "trained":
+            continue
+        key = (hospital, record.get("round"), record.get("noise_multiplier"), record.get("sampling_rate"),
+               record.get("steps"))
+        if available.get(key, 0) > 0:
+            available[key] -= 1
+        else:
+            problems.append(f"round {record.get('round')}, hospital {hospital}: the ledger's charge "
+                            f"({record.get('steps')} steps, sigma {record.get('noise_multiplier')}, "
+                            f"q {record.get('sampling_rate')}) is not in odometer {name}")
+    return problems

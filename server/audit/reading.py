@@ -1,0 +1,243 @@
+"""Reading the audit's inputs: the ledger and the run's other files, and field checks.
+
+Standard library only; every problem is a LedgerError naming the file and line, or a
+per-record list of problems that the checks number.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LEDGER_NAME = "privacy_ledger.jsonl"
+RECORD_FIELDS = ("round", "hospital", "status", "noise_multiplier", "sampling_rate", "steps",
+                 "sampling", "epsilon", "delta", "max_epsilon", "accountant", "num_examples")
+EVENT_FIELDS = ("noise_multiplier", "sampling_rate", "steps", "sampling")
+STATUSES = ("trained", "budget_exhausted")
+SAMPLING = "poisson"          # the only sampling the training code runs
+# Bounds that keep a hostile ledger from making the audit allocate or run without end. The
+# PLD of one step grows like 1/sigma^2 (sigma 0.1 already takes ~25 s and gives epsilon ~600),
+# and self-composition grows with the step count (1e7 steps: ~6 s).
+MAX_STEPS = 10**7
+MIN_SIGMA = 0.1
+CONFIG_NAME, METRICS_NAME, STATUS_NAME = "config.yaml", "metrics.jsonl", "status.json"
+
+
+class LedgerError(ValueError):
+    """Input the audit cannot read: the message names the file/line and how to fix it."""
+
+
+# --------------------------------------------------------------------------- reading
+
+def ledger_path(path: str | os.PathLike) -> Path:
+    """The ledger file for a run directory or a path to the file itself."""
+    path = Path(path)
+    return path / LEDGER_NAME if path.is_dir() else path
+
+
+def read_ledger(path: str | os.PathLike) -> list[dict]:
+    """Parse a ledger (run directory or file) into records; LedgerError on anything malformed."""
+    file = ledger_path(path)
+    if not file.is_file():
+        where = f"{path} has no {LEDGER_NAME}" if Path(path).is_dir() else f"{file}: no such file"
+        raise LedgerError(f"{where}; pass a run directory containing {LEDGER_NAME} or the ledger file itself")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise LedgerError(f"{file}: cannot read ({err}); check the file's permissions and that it is UTF-8 JSON Lines") from None
+    records, seen = [], set()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LedgerError(f"{file} line {number}: not valid JSON ({err.msg}); "
+                              "each line must be one complete JSON object (repair or remove a truncated line)") from None
+        except (ValueError, RecursionError):  # a number with thousands of digits, nesting thousands deep
+            raise LedgerError(f"{file} line {number}: a value is too large or too deeply nested to read; "
+                              "this is not a ledger record the training code writes") from None
+        if not isinstance(record, dict):
+            raise LedgerError(f"{file} line {number}: expected a JSON object, got {type(record).__name__}")
+        first = _hospital_key(record.get("hospital")) not in seen
+        problem = _missing(record, first)
+        if problem:
+            raise LedgerError(f"{file} line {number}: {problem}")
+        seen.add(_hospital_key(record["hospital"]))
+        records.append(record)
+    if not records:
+        raise LedgerError(f"{file}: the ledger has no records; point at the ledger of a run that trained at least one round")
+    return records
+
+
+def _hospital_key(hospital) -> str:
+    # JSON values can be unhashable (lists); the canonical dump keys any of them.
+    return hospital if isinstance(hospital, str) else json.dumps(hospital, sort_keys=True)
+
+
+def _missing(record: dict, first: bool) -> str | None:
+    """Why a record lacks required structure, or None."""
+    absent = [name for name in RECORD_FIELDS if name not in record]
+    if absent:
+        return f"missing field(s) {', '.join(absent)}; every record needs {', '.join(RECORD_FIELDS)}"
+    if first and "prior_events" not in record:
+        return (f"first record of hospital {record['hospital']!r} has no prior_events; "
+                "write \"prior_events\": [] when there was no earlier spend")
+    events = record.get("prior_events", [])
+    if not isinstance(events, list):
+        return "prior_events must be a list of {noise_multiplier, sampling_rate, steps, sampling}"
+    for index, event in enumerate(events):
+        if not isinstance(event, dict) or any(name not in event for name in EVENT_FIELDS):
+            return f"prior_events[{index}] needs the fields {', '.join(EVENT_FIELDS)}"
+    return None
+
+
+# --------------------------------------------------------------------------- field checks
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    # An int beyond float range (JSON allows 400 digits) is no figure a ledger holds.
+    return abs(value) < 1e300 if isinstance(value, int) else not math.isnan(value)
+
+
+def _mechanism_problems(event: dict) -> list[str]:
+    """Type and range problems of the fields accounting depends on."""
+    problems = []
+    sigma, q, steps = event.get("noise_multiplier"), event.get("sampling_rate"), event.get("steps")
+    if not (_is_number(sigma) and math.isfinite(sigma) and sigma >= 0):
+        problems.append(f"noise_multiplier {sigma!r} must be a finite number >= 0")
+    if not (_is_number(q) and 0 < q <= 1):
+        problems.append(f"sampling_rate {q!r} must be a number in (0, 1]")
+    if not (_is_int(steps) and steps >= 0):
+        problems.append(f"steps {_short(steps)} must be an integer >= 0")
+    elif steps > MAX_STEPS:
+        problems.append(f"steps {_short(steps)} is beyond what can be recomputed (at most {MAX_STEPS:.0e} "
+                        "per record); no real round runs that many, so the record is suspect")
+    if _is_number(sigma) and 0 < sigma < MIN_SIGMA:
+        problems.append(f"noise_multiplier {sigma!r} is below {MIN_SIGMA}: its epsilon is in the hundreds per "
+                        "step and cannot be recomputed in bounded time; count this hospital as unprotected")
+    if event.get("sampling") != SAMPLING:
+        problems.append(f"unsupported sampling {event.get('sampling')!r}: only {SAMPLING!r} is accounted")
+    return problems
+
+
+def _record_problems(record: dict) -> list[str]:
+    """Type and range problems of a record's other fields."""
+    problems = []
+    if not _is_int(record["round"]):
+        problems.append(f"round {record['round']!r} must be an integer")
+    if not (isinstance(record["hospital"], str) and record["hospital"]):
+        problems.append(f"hospital {record['hospital']!r} must be a non-empty string")
+    if record["status"] not in STATUSES:
+        problems.append(f"status {record['status']!r} must be one of {', '.join(STATUSES)}")
+    if not (_is_number(record["epsilon"]) and record["epsilon"] >= 0):
+        problems.append(f"epsilon {record['epsilon']!r} must be a number >= 0")
+    if not _valid_delta(record["delta"]):
+        problems.append(f"delta {record['delta']!r} must be a number in (0, 1)")
+    if not (_is_number(record["max_epsilon"]) and record["max_epsilon"] > 0):
+        problems.append(f"max_epsilon {record['max_epsilon']!r} must be a number > 0")
+    if record["accountant"] != "pld":
+        problems.append(f"accountant {record['accountant']!r}: the canonical figure is 'pld'")
+    if not (_is_int(record["num_examples"]) and record["num_examples"] >= 0):
+        problems.append(f"num_examples {record['num_examples']!r} must be an integer >= 0")
+    return problems
+
+
+def _short(value) -> str:
+    """repr, cut short: a hostile ledger's 400-digit number must not flood the report."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:20] + f"...({len(text)} characters)"
+
+
+def _valid_delta(delta) -> bool:
+    return _is_number(delta) and 0 < delta < 1
+
+
+# --------------------------------------------------------------------------- the run's other files
+
+@dataclass
+class RunContext:
+    """What else the audit compares the ledger with (each None when absent)."""
+
+    config: dict | None = None      # config.yaml of the run directory
+    metrics: list[dict] | None = None  # metrics.jsonl: one record per round
+    status: dict | None = None      # status.json: how the run ended
+    odometers: dict[str, list[dict]] = field(default_factory=dict)  # --odometer FILE -> its records
+
+
+def _json_lines(path: Path) -> list[dict]:
+    records = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise LedgerError(f"{path}: cannot read ({err.__class__.__name__}); check the file") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            raise LedgerError(f"{path} line {number}: not a readable JSON object; repair or restore the file") from None
+        if not isinstance(record, dict):
+            raise LedgerError(f"{path} line {number}: expected a JSON object")
+        records.append(record)
+    return records
+
+
+def read_context(ledger: str | os.PathLike, odometers: list[str] = ()) -> RunContext:
+    """config.yaml, metrics.jsonl and status.json beside the ledger, and the given odometer files."""
+    directory = Path(ledger) if Path(ledger).is_dir() else Path(ledger).parent
+    context = RunContext()
+    config = directory / CONFIG_NAME
+    if config.is_file():
+        import yaml  # only when there is a config to read
+
+        try:
+            context.config = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+            raise LedgerError(f"{config}: not readable YAML; restore the run's config.yaml or move it away") from None
+        if not isinstance(context.config, dict):
+            raise LedgerError(f"{config}: expected a mapping of settings")
+    if (directory / METRICS_NAME).is_file():
+        context.metrics = _json_lines(directory / METRICS_NAME)
+    if (directory / STATUS_NAME).is_file():
+        try:
+            context.status = json.loads((directory / STATUS_NAME).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            raise LedgerError(f"{directory / STATUS_NAME}: not readable JSON") from None
+        if not isinstance(context.status, dict):
+            raise LedgerError(f"{directory / STATUS_NAME}: expected a JSON object")
+    for name in odometers:
+        path = Path(name)
+        if not path.is_file():
+            raise LedgerError(f"--odometer {name}: no such file; pass a hospital's odometer JSON Lines file")
+        context.odometers[str(path)] = _json_lines(path)
+    return context
+
+
+def odometer_chain_problems(lines: list[dict]) -> list[str]:
+    """Breaks in an odometer's hash chain (sequence numbers and each line's SHA-256 of the one before).
+
+    Re-derived here from the file format (client/odometer.py), not imported: the audit trusts
+    no training code. The hash is over the exact line, so this works on re-serialised records
+    only when they keep json.dumps' default spacing, as the odometer writes them."""
+    problems, previous, seq = [], "", 0
+    for number, record in enumerate(lines, start=1):
+        if "seq" in record:
+            if record.get("seq") != seq + 1 or record.get("prev") != previous:
+                problems.append(f"record {number} breaks the hash chain (a line was removed, inserted or edited)")
+                return problems
+            seq = record["seq"]
+        elif seq:
+            problems.append(f"record {number} has no sequence number after the chain began")
+            return problems
+        previous = hashlib.sha256(json.dumps(record).encode()).hexdigest()
+    return problems

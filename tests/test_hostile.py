@@ -1,0 +1,207 @@
+"""A hostile coordinator: weights crafted so that one example's loss overflows.
+
+Without protection the clipped sum becomes NaN exactly when the target example is in the
+batch, which reveals its presence. With it, a non-finite example counts as zero, so it moves
+the sum by at most C (here: not at all) whatever the weights.
+"""
+import numpy as np
+import pytest
+
+from common.dp_sgd import DPSGDEngine
+from common.tf_setup import keras
+
+CLIP = 1.0
+TARGET = 3
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 8, 8, 1)).astype(np.float32)
+    x[TARGET] += 10.0  # the image the coordinator wants to detect
+    return x, rng.integers(0, 3, 10)
+
+
+def _layers():
+    return [keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax")]
+
+
+def _hostile(model):
+    """Weights under which only the target's 3x3 patches pass the ReLU, at ~1e36, then logits overflow."""
+    conv, dense = [layer for layer in model.layers if layer.weights]
+    conv.set_weights([np.full((3, 3, 1, 4), 1e35, np.float32), np.full(4, -1e35 * 54, np.float32)])
+    dense.set_weights([np.full(dense.kernel.shape, 1e10, np.float32), np.zeros(3, np.float32)])
+    return model
+
+
+def _sequential():
+    return _hostile(keras.Sequential([keras.layers.InputLayer(input_shape=(8, 8, 1)), *_layers()]))
+
+
+def _functional():  # not a Sequential: the engine takes its per-example-gradient (slow) path
+    inputs = keras.Input((8, 8, 1))
+    h = inputs
+    for layer in _layers():
+        h = layer(h)
+    return _hostile(keras.Model(inputs, h))
+
+
+@pytest.mark.parametrize("build, jit", [(_sequential, False), (_sequential, True), (_functional, False)])
+def test_an_overflowing_example_moves_the_clipped_sum_by_at_most_c(build, jit):
+    x, y = _data()
+    model = build()
+    engine = DPSGDEngine(model, l2_norm_clip=CLIP, noise_multiplier=1.0, learning_rate=0.1, seed=0,
+                         jit_compile=jit)
+    assert engine.fast_path == (build is _sequential)
+    # The crafted weights do overflow the target (and only the target) in the forward pass.
+    outputs = model(x, training=False).numpy()
+    assert not np.all(np.isfinite(outputs[TARGET]))
+    assert np.all(np.isfinite(np.delete(outputs, TARGET, axis=0)))
+
+    others = [i for i in range(len(x)) if i != TARGET]
+    with_target = engine.clipped_gradient_sum(x, y)
+    without = engine.clipped_gradient_sum(x[others], y[others])
+    assert all(np.all(np.isfinite(g)) for g in with_target)
+    difference = np.sqrt(sum(np.sum((a.astype(np.float64) - b) ** 2) for a, b in zip(with_target, without)))
+    assert difference <= CLIP * (1 + 1e-5)
+
+    # A whole noisy training run on data holding the target returns finite weights.
+    stats = engine.train(x, y, sampling_rate=1.0, steps=2)
+    assert np.isfinite(stats.mean_loss)
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+# ------------------------------------------------------------------ what a hospital sends on failure
+
+def _message(message_type, content):
+    from flwr.app import Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # What Flower's runtime sets in the coordinator's process before it builds a message.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 77, 0
+    return Message(content=content, dst_node_id=1, message_type=message_type)
+
+
+def _context(node_config, tmp_path):
+    from flwr.app import Context, RecordDict
+
+    config = {"hospital-id": "hospital-x", "max-epsilon": 8.0, "delta": 1e-5,
+              "odometer-path": str(tmp_path / "odometer.jsonl"), **node_config}
+    return Context(run_id=77, node_id=1, node_config=config, state=RecordDict(), run_config={})
+
+
+def _train_content(learning_rate=0.5):
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from common.model import build_model
+
+    model = build_model((16, 16, 1), 2, (4,), 8)
+    return RecordDict({"arrays": ArrayRecord(model.get_weights()), "config": ConfigRecord({
+        "server-round": 1, "batch_size": 4, "local_epochs": 1.0, "learning_rate": learning_rate,
+        "momentum": 0.0, "l2_norm_clip": 1.0, "noise_multiplier": 1.0})})
+
+
+def _sent_bytes(reply) -> bytes:
+    from flwr.common.serde import message_to_proto
+
+    return message_to_proto(reply).SerializeToString()
+
+
+def _image_folder(root, per_class=20):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("normal", "pneumonia"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(root / label / f"img{i}.png")
+    return root
+
+
+def test_a_bad_images_path_never_reaches_the_coordinator(tmp_path, caplog):
+    from client.client_app import app
+
+    folder = _image_folder(tmp_path / "ward-7")
+    secret = "patient-4711-MRN-0042"
+    (folder / "pneumonia" / f"{secret}.png").write_bytes(b"not an image")
+    context = _context({"data-source": "folder", "data-path": str(folder)}, tmp_path)
+    with caplog.at_level("ERROR", logger="hospital"):
+        reply = app(_message("train", _train_content()), context)
+    assert reply.has_error() and reply.error.reason == "data"
+    sent = _sent_bytes(reply)
+    for text in (secret, "ward-7", str(tmp_path)):
+        assert text.encode() not in sent
+    # The details stay with the hospital: its log and its error file.
+    assert secret in caplog.text
+    assert secret in (tmp_path / "odometer.errors.log").read_text()
+
+
+def test_coordinator_settings_the_engine_would_refuse_are_refused_before_any_charge(tmp_path):
+    from client.client_app import app
+
+    folder = _image_folder(tmp_path / "data")
+    context = _context({"data-source": "folder", "data-path": str(folder)}, tmp_path)
+    reply = app(_message("train", _train_content(learning_rate=float("nan"))), context)
+    assert reply.has_error() and reply.error.reason == "settings"
+    assert not (tmp_path / "odometer.jsonl").exists()
+
+
+@pytest.mark.parametrize("budget, category", [
+    ({"delta": 1.0}, "budget"), ({"delta": 5}, "budget"), ({"max-epsilon": "nan"}, "budget"),
+    ({"max-epsilon": float("inf")}, "budget"), ({"delta": 0.05}, "budget"),  # 0.05 >= 1/n for n = 36
+])
+def test_budgets_that_are_not_numbers_or_too_loose_are_refused(tmp_path, budget, category):
+    from client.client_app import app
+
+    folder = _image_folder(tmp_path / "data")
+    context = _context({"data-source": "folder", "data-path": str(folder), **budget}, tmp_path)
+    reply = app(_message("train", _train_content()), context)
+    assert reply.has_error() and reply.error.reason == category
+    assert not (tmp_path / "odometer.jsonl").exists()
+
+
+# ------------------------------------------------------------------ the hospital owns its split
+
+def test_the_deployed_split_is_the_hospitals_and_survives_other_run_configs(tmp_path):
+    from client.task import deployment_site
+    from common.config import load_config
+
+    rng = np.random.default_rng(1)
+    data = tmp_path / "h.npz"
+    np.savez(data, train_images=rng.integers(0, 256, (200, 8, 8), dtype=np.uint8),
+             train_labels=rng.integers(0, 2, 200))
+    node = {"hospital-id": "h", "data-source": "npz", "data-path": str(data), "max-epsilon": 8.0,
+            "delta": 1e-5, "odometer-path": str(tmp_path / "odo.jsonl"), "eval-fraction": 0.2}
+
+    def eval_rows(site):
+        return {row.tobytes() for row in site.eval_x}
+
+    first = deployment_site(node, load_config(None, []))
+    assert (tmp_path / "odo.jsonl.split.json").is_file()
+    assert 15 <= len(first.eval_y) <= 65 and len(first.eval_y) + len(first.train_y) == 200
+    # The coordinator's run config changes seed and fraction: not one image moves.
+    other = deployment_site(node, load_config(None, ["seed=99", "data.local_eval_fraction=0.5"]))
+    assert eval_rows(other) == eval_rows(first)
+    # Even the hospital's own later settings keep the stored split.
+    changed = deployment_site({**node, "eval-fraction": 0.5, "split-seed": "x"}, load_config(None, []))
+    assert eval_rows(changed) == eval_rows(first)
+    assert first.odometer.data_fingerprint == changed.odometer.data_fingerprint != ""
+
+
+# ------------------------------------------------------------------ config refuses non-numbers
+
+@pytest.mark.parametrize("override", ["train.learning_rate=nan", "privacy.max_epsilon=nan",
+                                      "privacy.delta=inf", "dp.l2_norm_clip=inf", "train.local_epochs=nan"])
+def test_config_refuses_nan_and_infinity(override):
+    from common.config import load_config
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match="finite"):
+        load_config(None, [override])
+
+
+def test_default_odometer_dir_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    from common.config import PROJECT_ROOT, load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, []).privacy.odometer_dir == str(PROJECT_ROOT / "odometer")
