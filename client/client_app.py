@@ -25,7 +25,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.task import TrainSettings, deployment_site, evaluate_round, plan_summary, simulation_site, train_round
+from client.task import SettingsError, TrainSettings, deployment_site, evaluate_round, plan_summary, simulation_site, train_round
 from common.config import from_run_config
 from common.errors import UserError
 
@@ -88,6 +88,9 @@ def _site(context: Context):
 
 
 def _settings(round_config) -> TrainSettings:
+    missing = [name for name in TrainSettings.__dataclass_fields__ if name not in round_config]
+    if missing:
+        raise SettingsError(f"the coordinator's training settings lack {', '.join(missing)}")
     return TrainSettings(**{name: round_config[name] for name in TrainSettings.__dataclass_fields__})
 
 
