@@ -39,6 +39,7 @@ class ModelConfig:
     dense_units: int = 64  # width of the Dense layer before the output
     activation: str = "tanh"  # tanh | relu | elu | sigmoid (bounded ones train better under DP)
     normalization: str = "none"  # none | group (GroupNorm without affine weights; never batch norm)
+    head: str = "flatten"  # flatten (the reference network) | avgpool (global average: far fewer weights)
 
 
 @dataclass
@@ -91,6 +92,7 @@ CHOICES = {
     "data.color": ("gray", "rgb"),
     "model.activation": ("tanh", "relu", "elu", "sigmoid"),
     "model.normalization": ("none", "group"),
+    "model.head": ("flatten", "avgpool"),
 }
 # (lowest, highest, lowest allowed itself?, highest allowed itself?)
 RANGES = {

@@ -12,11 +12,11 @@ from common.tf_setup import keras, tf
 def make_model(model_config, input_shape, num_classes):
     """The configured network (the `model` section of the config): the one call both sides make."""
     return build_model(input_shape, num_classes, model_config.filters, model_config.dense_units,
-                       model_config.activation, model_config.normalization)
+                       model_config.activation, model_config.normalization, model_config.head)
 
 
 def build_model(input_shape, num_classes, filters=(16, 32, 64), dense_units=64, activation="tanh",
-                normalization="none"):
+                normalization="none", head="flatten"):
     """Return an uncompiled Keras Sequential CNN for images of `input_shape` (H, W, C).
 
     normalization "group": GroupNorm between each convolution and its activation. It
@@ -36,7 +36,9 @@ def build_model(input_shape, num_classes, filters=(16, 32, 64), dense_units=64, 
             layers.append(keras.layers.Conv2D(width, 3, padding="same", activation=activation))
         # "same" pooling keeps small inputs (8x8 digits) valid through three blocks.
         layers.append(keras.layers.MaxPooling2D(2, padding="same"))
-    layers.append(keras.layers.Flatten())
+    # "avgpool" averages each feature map: the Dense layer then has filters[-1] inputs instead
+    # of (H/8)(W/8) times as many, and under DP-SGD every parameter is a coordinate of noise.
+    layers.append(keras.layers.GlobalAveragePooling2D() if head == "avgpool" else keras.layers.Flatten())
     layers.append(keras.layers.Dense(dense_units, activation=activation))
     if num_classes == 2:
         layers.append(keras.layers.Dense(1, activation="sigmoid"))
