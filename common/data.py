@@ -158,7 +158,7 @@ def _one_line(err):
 
 # --------------------------------------------------------------------------- pixels
 
-DEFAULT_FOLDER_SIZE = 64  # side a folder of larger images is trained at unless data.image_size says
+DEFAULT_FOLDER_SIZE = 32  # side a folder of larger images is trained at unless data.image_size says
 
 
 def _to_uint8(x):

@@ -117,11 +117,13 @@ def useful_noise_limit(batch_size: int) -> float:
     """The largest sigma worth training with at an expected batch of `batch_size`.
 
     The noise on the averaged gradient has standard deviation sigma * C / batch per
-    coordinate. Past a tenth of C (sigma > batch / 10) a round moves the model mostly by
-    noise, so a hospital whose budget left would need more declines instead of spending it
-    for nothing. A heuristic, not a privacy figure: it only ever stops training.
+    coordinate. Past half of C (sigma > batch / 2) a round moves the model by noise alone
+    (the embedded default at epsilon 1 needs about batch / 6 and still learns a little), so a
+    hospital whose budget left would need more declines instead of spending it for nothing,
+    typically the crumbs of an earlier run. A heuristic, not a privacy figure: it only ever
+    stops training.
     """
-    return max(2.0, batch_size / 10)
+    return max(2.0, batch_size / 2)
 
 _PLAN_TOLERANCE = 1e-3  # relative width at which the bisection on sigma stops
 
