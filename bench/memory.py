@@ -9,7 +9,7 @@ where it is absent), with the simulation's default workers (one Ray worker per c
   sigmoid output) on 256x256 grayscale images of a two-class task: two of the blood-cell
   classes (neutrophil, lymphocyte), linked into a temporary folder (nothing is copied).
 Peak memory is the largest sum of RSS over simulate.py and every descendant, polled every
-0.5 s (bench.simulation.TreeMemory). Each run is 2 rounds: the peak is reached in round 1.
+0.5 s (bench.simulation.TreeMemory). Each run is one full round (every hospital trains one local epoch).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from bench.simulation import TreeMemory
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOOD = ROOT.parent / "shared" / "data" / "blood_cells"
-COMMON = ["hospitals=5", "data.partition=dirichlet", "data.alpha=0.5", "privacy.max_epsilon=3", "rounds=2"]
+COMMON = ["hospitals=5", "data.partition=dirichlet", "data.alpha=0.5", "privacy.max_epsilon=3", "rounds=1"]
 CASES = {
     "blood224": ["data.source=folder", "data.image_size=224", "data.color=rgb"],
     "ref256": ["data.source=folder", "data.image_size=256", "data.color=gray", "model.filters=[32,64,128]",
