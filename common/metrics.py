@@ -20,8 +20,8 @@ def predict(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
 
 
 def evaluate_model(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict:
-    """{"loss", "accuracy", "balanced_accuracy", "single_class"} and, for two classes with both
-    present, {"auc"}."""
+    """{"loss", "accuracy", "balanced_accuracy", "single_class", "classes"} and, for two classes
+    with both present, {"auc"}. Chance level of balanced accuracy is 1 / classes."""
     probabilities = predict(model, x, batch_size)
     loss = float(np.mean(per_example_loss(y, probabilities)))
     if probabilities.shape[-1] == 1:
@@ -32,7 +32,8 @@ def evaluate_model(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -
         predictions = probabilities.argmax(axis=-1)
     result = {"loss": loss, "accuracy": float(np.mean(predictions == y)),
               "balanced_accuracy": float(balanced_accuracy_score(y, predictions)),
-              "single_class": int(len(np.unique(predictions)) == 1)}
+              "single_class": int(len(np.unique(predictions)) == 1),
+              "classes": max(2, int(probabilities.shape[-1]))}
     if scores is not None and len(np.unique(y)) == 2:
         result["auc"] = float(roc_auc_score(y, scores))
     return result

@@ -34,6 +34,30 @@ def round_line(record: dict, total_rounds: int, latest: dict[str, dict]) -> str:
     return f"Round {record['round']}/{total_rounds} | {scores} | {_epsilons(latest)} | {record['seconds']:.1f} s"
 
 
+CHANCE_MARGIN = 0.05  # balanced accuracy within this of 1/classes is reported as chance level
+
+
+def _at_chance(final: dict, latest: dict[str, dict]) -> list[str]:
+    """Why a model at chance level is so, in the run's own words (empty when it learnt something)."""
+    chance = 1 / final.get("classes", 2)
+    balanced = final.get("balanced_accuracy")
+    if balanced is None or balanced > chance + CHANCE_MARGIN:
+        return []
+    what = ("answers the same class for every test image" if final.get("single_class")
+            else f"is at chance level (balanced accuracy {balanced:.3f}, chance {chance:.3f})")
+    trained = [r for r in latest.values() if r.get("num_examples")]
+    if not trained:
+        return [f"  Warning: the final model {what}."]
+    smallest = min(trained, key=lambda r: r["num_examples"])
+    batch = smallest["sampling_rate"] * smallest["num_examples"]
+    return [f"  Warning: the final model {what}: the data is too small for this budget. The smallest hospital "
+            f"holds {smallest['num_examples']} training examples; at epsilon {smallest['max_epsilon']:g} its noise "
+            f"(sigma {smallest['noise_multiplier']:.3g} on an expected batch of {batch:.0f}, i.e. noise of "
+            f"{smallest['noise_multiplier'] / max(batch, 1):.2f} x the clip bound on every averaged gradient) drowns "
+            "what so few examples can teach. Pool data into fewer, larger hospitals, add data, or raise "
+            "privacy.max_epsilon (each hospital's decision)."]
+
+
 def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_at: dict[str, float], seconds: float) -> list[str]:
     """Final accuracy, each hospital's spend and remaining budget, who ended on budget, where files are."""
     metrics = run.read_metrics()
@@ -44,11 +68,7 @@ def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_a
                      + (f", balanced accuracy {final['balanced_accuracy']:.3f}" if "balanced_accuracy" in final else "")
                      + f", loss {final['loss']:.3f}"
                      + (f", AUC {final['auc']:.3f}" if "auc" in final else "") + " on the central test set.")
-        if final.get("single_class"):
-            lines.append("  Warning: the final model answers the same class for every test image (balanced accuracy "
-                         f"{final.get('balanced_accuracy', 0):.3f}): it has learnt nothing beyond the majority class. "
-                         "With this little data per hospital the budget buys too few useful DP-SGD steps: "
-                         "raise privacy.max_epsilon, pool hospitals, or add data.")
+        lines.extend(_at_chance(final, latest))
     if latest:
         worst = max(latest.values(), key=lambda r: r["epsilon"])
         lines.append(f"Privacy: maximum epsilon {worst['epsilon']:.3f} at delta {worst['delta']:g} "
