@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.model import model_input, per_example_loss
+from common.model import GroupNorm, model_input, per_example_loss
 from common.tf_setup import keras, tf
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ _PER_EXAMPLE_LAYERS = (
     keras.layers.Rescaling,
     keras.layers.GroupNormalization,  # only without scale/offset (no trainable weights): see _make_plan
     keras.layers.LayerNormalization,
+    GroupNorm,
 )
 
 _warned: set[str] = set()
@@ -105,7 +106,7 @@ class DPSGDEngine:
 
     def __init__(self, model, *, l2_norm_clip: float, noise_multiplier: float, learning_rate: float,
                  momentum: float = 0.0, seed: int | None = None, jit_compile: bool = False,
-                 memory_budget: int = 512 * 2**20):
+                 memory_budget: int = 2**30):
         for name, value, ok in (
             ("l2_norm_clip", l2_norm_clip, l2_norm_clip > 0),
             ("noise_multiplier", noise_multiplier, noise_multiplier >= 0),

@@ -30,7 +30,7 @@ def build_model(input_shape, num_classes, filters=(16, 32, 64), dense_units=64, 
     for width in filters:
         if normalization == "group":
             layers.append(keras.layers.Conv2D(width, 3, padding="same"))
-            layers.append(keras.layers.GroupNormalization(groups=_groups(width), center=False, scale=False))
+            layers.append(GroupNorm(_groups(width)))
             layers.append(keras.layers.Activation(activation))
         else:
             layers.append(keras.layers.Conv2D(width, 3, padding="same", activation=activation))
@@ -45,6 +45,37 @@ def build_model(input_shape, num_classes, filters=(16, 32, 64), dense_units=64, 
     else:
         layers.append(keras.layers.Dense(num_classes, activation="softmax"))
     return keras.Sequential(layers)
+
+
+@keras.saving.register_keras_serializable(package="hospital_fl")
+class GroupNorm(keras.layers.Layer):
+    """GroupNorm without scale or offset: each example's channels, in groups, to mean 0 and variance 1.
+
+    It has no weights and acts on one example at a time. Written here because tf-keras's
+    GroupNormalization made a DP-SGD step 4.5x slower on the default CNN (16 steps at
+    32x32x3: 6.7 s against 1.5 s without normalisation); see `call` for why this one is not.
+    """
+
+    def __init__(self, groups: int, epsilon: float = 1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.groups = int(groups)
+        self.epsilon = float(epsilon)
+
+    def call(self, inputs):
+        # Group statistics from per-channel means of x and x^2: reductions over the spatial
+        # axes of a 4-D tensor are fast on CPU, a 5-D tf.nn.moments was 10x slower.
+        per_group = inputs.shape[-1] // self.groups
+        mean_c = tf.reduce_mean(inputs, [1, 2])  # (b, C)
+        square_c = tf.reduce_mean(tf.square(inputs), [1, 2])
+        mean_g = tf.reduce_mean(tf.reshape(mean_c, [-1, self.groups, per_group]), -1)  # (b, G)
+        square_g = tf.reduce_mean(tf.reshape(square_c, [-1, self.groups, per_group]), -1)
+        inverse = tf.math.rsqrt(tf.maximum(square_g - tf.square(mean_g), 0.0) + self.epsilon)
+        mean = tf.repeat(mean_g, per_group, axis=-1)[:, None, None, :]
+        inverse = tf.repeat(inverse, per_group, axis=-1)[:, None, None, :]
+        return (inputs - mean) * inverse
+
+    def get_config(self):
+        return super().get_config() | {"groups": self.groups, "epsilon": self.epsilon}
 
 
 def _groups(width: int) -> int:
@@ -73,3 +104,8 @@ def model_input(images):
     if images.dtype == tf.uint8:
         return tf.cast(images, tf.float32) * (1.0 / 255.0)
     return tf.cast(images, tf.float32)
+
+
+def load_model(path):
+    """A saved model.keras, with this module's layers (GroupNorm) known to Keras."""
+    return keras.models.load_model(path, custom_objects={"GroupNorm": GroupNorm})

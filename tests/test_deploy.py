@@ -213,9 +213,9 @@ def test_deploy_two_hospitals_two_rounds_over_tls(deployed):
         charges = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         assert len(charges) == 2, (hospital, charges)
 
-    from common.tf_setup import keras
+    from common.model import load_model
 
-    model = keras.models.load_model(deployed.run_dir / "model.keras")
+    model = load_model(deployed.run_dir / "model.keras")
     assert model.output_shape[-1] == 10
     assert model.predict(np.zeros((1, *model.input_shape[1:]), np.float32), verbose=0).shape == (1, 10)
 

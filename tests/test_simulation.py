@@ -54,9 +54,9 @@ def test_two_hospitals_two_rounds_write_the_run_directory(first_run):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2]
     assert all(0 <= m["accuracy"] <= 1 and m["loss"] > 0 for m in metrics)
-    from common.tf_setup import keras
+    from common.model import load_model
 
-    model = keras.models.load_model(run / "model.keras")
+    model = load_model(run / "model.keras")
     assert model.output_shape == (None, 10)
 
 
