@@ -44,7 +44,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # expected Poisson batch size; sampling rate q = batch_size / examples
+    batch_size: int = 128  # expected Poisson batch size; sampling rate q = batch_size / examples
     local_epochs: float = 1.0  # DP-SGD steps per round = ceil(local_epochs / q)
     learning_rate: float = 0.2  # SGD step size on the mean clipped gradient (0.5 and up diverged under DP)
     momentum: float = 0.9  # SGD momentum in [0, 1): post-processing of noisy gradients, no privacy cost
