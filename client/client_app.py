@@ -25,7 +25,7 @@ logging.getLogger("hospital").setLevel(logging.INFO)
 
 
 def _site(context: Context):
-    config = from_run_config(context.run_config)
+    config = from_run_config(context.run_config, int(context.node_config.get("num-partitions", 0)))
     if "hospital-id" in context.node_config:
         return config, deployment_site(context.node_config, config)
     return config, simulation_site(config, int(context.node_config["partition-id"]))

@@ -18,6 +18,7 @@ from common.tf_setup import keras
 from server.ledger import PrivacyLedger
 from server.report import round_line, summary_lines
 from server.run_dir import RunDirectory
+from server.simulated import simulated_hospitals
 from server.strategy import PrivateFedAvg
 
 app = ServerApp()
@@ -26,7 +27,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds and write the run directory."""
-    config = from_run_config(context.run_config)
+    config = from_run_config(context.run_config, simulated_hospitals(grid))
     run = RunDirectory.create(context.run_config.get("run-dir", ""))
     run.write_config(to_dict(config))
     dataset, test_x, test_y = central_test_set(config)
