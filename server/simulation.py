@@ -48,7 +48,7 @@ RELAUNCHES_TOLERATED = 3
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="simulate.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None,
                         help="YAML file of overrides (default: configs/default.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -109,6 +109,8 @@ def prepare(args):
         out = out.expanduser().resolve()
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"run directory {out} already exists and is not empty: choose another --out")
+    if not args.resume:
+        check_writable(out)
     federation = load_federation(config)
     for note in federation.dataset.notes:
         print(f"note: {note}")
@@ -116,8 +118,6 @@ def prepare(args):
                          [s.name for s in federation.shards]))
     print(f"Central test set: {len(federation.test_y)} examples; input {federation.dataset.input_shape}, "
           f"{federation.dataset.num_classes} classes.")
-    if not args.resume:
-        check_writable(out)
     return config, _absolute_paths(to_dict(config)), out
 
 

@@ -1,0 +1,65 @@
+"""`flwr run .` the Flower way: Flower's own local simulation, flat --run-config keys.
+
+Flower decides how many SuperNodes its simulation has (`num-supernodes`); the ServerApp and
+the ClientApps take that as the number of hospitals, so the user never sets both. Runs with
+a private FLWR_HOME and private ports, and stops the SuperLink Flower leaves running.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _stop_managed_superlink(flwr_home: Path) -> None:
+    """`flwr run` on `:local:` starts a detached SuperLink that outlives it: end it and its children."""
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(flwr_home) in part for part in (proc.info["cmdline"] or [])):
+            mine.append(proc)
+    procs = [c for p in mine for c in p.children(recursive=True)] + mine
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def test_flwr_run_dot_simulates_as_many_hospitals_as_supernodes_with_flat_overrides(tmp_path):
+    flwr_home = tmp_path / "flwr-home"
+    run_dir, odometer = tmp_path / "run", tmp_path / "odometer"
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
+    flwr = Path(sys.executable).parent / "flwr"
+    command = [str(flwr), "run", ".", "--stream",
+               "--federation-config", "num-supernodes=3",
+               "--run-config", f"rounds=1 privacy.max_epsilon=20 privacy.odometer_dir='{odometer}' run-dir='{run_dir}'"]
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        _stop_managed_superlink(flwr_home)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "Round 1/1" in output, output[-4000:]
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["hospitals"] == 3  # from Flower's num-supernodes, not default.yaml's 5
+    assert config["rounds"] == 1 and config["privacy"]["max_epsilon"] == 20.0  # the flat keys
+    ledger = [json.loads(line) for line in (run_dir / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert sorted(r["hospital"] for r in ledger) == ["hospital-0", "hospital-1", "hospital-2"]
+    assert all(r["max_epsilon"] == 20.0 and r["status"] == "trained" for r in ledger)
+    assert sorted(p.name for p in odometer.glob("*.jsonl") if "train-log" not in p.name) == [
+        "hospital-0.jsonl", "hospital-1.jsonl", "hospital-2.jsonl"]
