@@ -133,6 +133,9 @@ def child_environment(flwr_home: Path) -> dict:
     """The environment of every Flower process (and so of Ray's workers and the apps)."""
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
+    # Flower starts its helpers (flower-superexec, flwr-simulation) by name: put this Python's
+    # scripts first, so an un-activated venv (`/venv/bin/hospital-fl simulate`) works too.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower reports usage unless told not to
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's future-GPU-handling warning
