@@ -4,6 +4,7 @@ No Flower here: client/client_app.py unpacks messages and calls these functions.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -13,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from client.odometer import PrivacyOdometer
-from common.config import Config
+from common.config import Config, ModelConfig
 from common.data import load_dataset
 from common.dp_sgd import DPSGDEngine
 from common.errors import UserError
 from common.federation import load_federation
 from common.metrics import evaluate_model
-from common.model import build_model
+from common.model import make_model
 from common.partition import holdout_split
 from common.privacy import PrivacyEvent, sampling_rate_for, steps_for
 
@@ -105,21 +106,22 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
 
 
 @functools.lru_cache(maxsize=4)
-def _trainer(input_shape, num_classes, filters, dense_units, activation, settings: "TrainSettings"):
+def _trainer(input_shape, num_classes, model_json: str, settings: "TrainSettings"):
     """(model, engine) built once per worker process and reused every round.
 
     Rebuilding them each round would retrace the engine's compiled step every time, which
-    costs more than a small hospital's whole round.
+    costs more than a small hospital's whole round. `model_json` is the config's `model`
+    section as JSON (hashable, for the cache).
     """
-    model = build_model(input_shape, num_classes, filters, dense_units, activation)
+    model = make_model(ModelConfig(**json.loads(model_json)), input_shape, num_classes)
     engine = DPSGDEngine(model, l2_norm_clip=settings.l2_norm_clip, noise_multiplier=settings.noise_multiplier,
                          learning_rate=settings.learning_rate, momentum=settings.momentum)
     return model, engine
 
 
 def _prepared(config: Config, input_shape, num_classes, weights, settings):
-    model, engine = _trainer(tuple(input_shape), num_classes, tuple(config.model.filters), config.model.dense_units,
-                             config.model.activation, settings)
+    model, engine = _trainer(tuple(input_shape), num_classes, json.dumps(dataclasses.asdict(config.model), sort_keys=True),
+                             settings)
     model.set_weights(weights)
     engine.reset_optimizer()  # momentum must not carry over from another round or hospital
     return model, engine

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class ModelConfig:
     filters: list[int] = field(default_factory=lambda: [16, 32, 64])  # Conv2D widths, one conv+pool block each
     dense_units: int = 64  # width of the Dense layer before the output
     activation: str = "tanh"  # tanh | relu | elu | sigmoid (bounded ones train better under DP)
+    builder: str = ""  # package.module:function(input_shape, num_classes) -> tf-keras model; "" = the CNN above
 
 
 @dataclass
@@ -191,6 +193,8 @@ def validate(config: Config) -> Config:
             raise UserError(f"config key '{key}' must be {'<=' if high_ok else '<'} {high}, got {value}")
     if not config.model.filters or any(width < 1 for width in config.model.filters):
         raise UserError(f"config key 'model.filters' must be a non-empty list of positive ints, got {config.model.filters}")
+    if config.model.builder and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", config.model.builder):
+        raise UserError(f"config key 'model.builder' must look like package.module:function, got {config.model.builder!r}")
     if config.data.source != "digits" and not config.data.path:
         raise UserError(f"config key 'data.path' is required for data.source={config.data.source}: set it to the file or folder")
     if isinstance(config.data.path, list) and len(config.data.path) != config.hospitals:

@@ -53,7 +53,7 @@ def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_a
             lines.append(f"  {len(declined_at)} hospital(s) declined; the cheapest, {hospital}, would have reached "
                          f"epsilon {needed:.3f} > {latest[hospital]['max_epsilon']:g}. To train within the budget, "
                          "raise dp.noise_multiplier or lower train.local_epochs.")
-    lines.append(f"Run directory: {run.path} (config.yaml, metrics.jsonl, privacy_ledger.jsonl, model.keras, "
-                 "accuracy.png, epsilon.png)")
+    lines.append(f"Run directory: {run.path} (report.md, config.yaml, metrics.jsonl, privacy_ledger.jsonl, "
+                 "model.keras, plots)")
     lines.append(f"Audit it: python -m server.audit {run.path}")
     return lines

@@ -13,10 +13,11 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import from_run_config, to_dict
 from common.federation import central_test_set
 from common.metrics import evaluate_model
-from common.model import build_model
+from common.model import make_model
 from common.tf_setup import keras
 from server.ledger import PrivacyLedger
 from server.report import round_line, summary_lines
+from server.report_md import write_report
 from server.run_dir import RunDirectory
 from server.simulated import simulated_hospitals
 from server.strategy import PrivateFedAvg
@@ -27,14 +28,14 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds and write the run directory."""
-    config = from_run_config(context.run_config, simulated_hospitals(grid))
+    simulated = simulated_hospitals(grid)  # 0 in a deployment
+    config = from_run_config(context.run_config, simulated)
     run = RunDirectory.create(context.run_config.get("run-dir", ""))
     run.write_config(to_dict(config))
     dataset, test_x, test_y = central_test_set(config)
 
     keras.utils.set_random_seed(config.seed)
-    model = build_model(dataset.input_shape, dataset.num_classes, config.model.filters,
-                        config.model.dense_units, config.model.activation)
+    model = make_model(config.model, dataset.input_shape, dataset.num_classes)
     arrays = ArrayRecord(model.get_weights())
     ledger = PrivacyLedger(run.ledger)
     strategy = PrivateFedAvg(
@@ -54,6 +55,8 @@ def main(grid: Grid, context: Context) -> None:
         "noise_multiplier": config.dp.noise_multiplier,
     })
     print(f"Run directory: {run.path}", flush=True)
+    print(f"Round 1/{config.rounds} starts: the hospitals load TensorFlow and compile the DP-SGD step first ...",
+          flush=True)
     started = time.time()
     for server_round in range(1, config.rounds + 1):
         round_started = time.time()
@@ -86,3 +89,4 @@ def main(grid: Grid, context: Context) -> None:
     run.plot(ledger.records)
     for line in summary_lines(run, ledger.latest(), strategy.exhausted(), strategy.declined_at, time.time() - started):
         print(line, flush=True)
+    write_report(run, config, simulated=bool(simulated))

@@ -109,6 +109,17 @@ def prepare(args):
         out = out.expanduser().resolve()
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"run directory {out} already exists and is not empty: choose another --out")
+    if config.model.builder:  # import it in every process later; find it now, before anything starts
+        import importlib.util
+
+        module = config.model.builder.split(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise UserError(f"model.builder {config.model.builder!r}: no module {module!r} on this Python's path; "
+                            "install it or add its folder to PYTHONPATH")
     if not args.resume:
         check_writable(out)
     federation = load_federation(config)
@@ -374,7 +385,7 @@ class Progress:
         self.console.print(line, markup=False, highlight=False)
         if self.status is None:
             return
-        done = re.match(r"Round (\d+)/(\d+)", line)
+        done = re.match(r"Round (\d+)/(\d+) \|", line)
         if done:
             next_round = int(done.group(1)) + 1
             if next_round <= int(done.group(2)):

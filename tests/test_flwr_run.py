@@ -63,3 +63,60 @@ def test_flwr_run_dot_simulates_as_many_hospitals_as_supernodes_with_flat_overri
     assert all(r["max_epsilon"] == 20.0 and r["status"] == "trained" for r in ledger)
     assert sorted(p.name for p in odometer.glob("*.jsonl") if "train-log" not in p.name) == [
         "hospital-0.jsonl", "hospital-1.jsonl", "hospital-2.jsonl"]
+
+
+def _flower_processes(flwr_home: Path) -> list:
+    """Processes started for this FLWR_HOME: the SuperLink, SuperExec, the simulation, Ray's workers."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if str(flwr_home) in " ".join(proc.info["cmdline"] or []) or \
+                    proc.environ().get("FLWR_HOME") == str(flwr_home):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_simulate_refuses_bad_input_in_one_line_before_start_up(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for args, words in ((["--set", "dp.noise_multiplier=-1"], "dp.noise_multiplier"),
+                        (["--out", str(blocker / "run")], "cannot write the run directory"),
+                        (["--config", str(tmp_path / "missing.yaml")], "config file not found")):
+        result = subprocess.run([sys.executable, "simulate.py", *args], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")})
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.count("\n") == 1 and words in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "flwr-home").exists()  # nothing of Flower was started
+
+
+def test_ctrl_c_once_asks_for_a_stop_twice_stops_now_and_leaves_no_process(tmp_path):
+    import signal
+    import time
+
+    flwr_home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
+    command = [sys.executable, "simulate.py", "--out", str(run_dir), "--set", "hospitals=2", "--set", "rounds=50",
+               "--set", "privacy.max_epsilon=1000", "--set", f"privacy.odometer_dir={tmp_path / 'odometer'}"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FLWR_HOME": str(flwr_home)})
+    seen = []
+    for line in proc.stdout:  # wait until the ServerApp runs
+        seen.append(line)
+        if line.startswith("Round 1/"):
+            break
+    assert any(line.startswith("Round 1/") for line in seen), "".join(seen)
+    assert _flower_processes(flwr_home), "the simulation runs under the given FLWR_HOME"
+
+    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while not (run_dir / "STOP").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (run_dir / "STOP").exists()  # the preamble's graceful-stop contract
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "stopping after this round (Ctrl-C again to stop now)" in stderr and "Traceback" not in stderr
+    time.sleep(1)
+    left = _flower_processes(flwr_home)
+    assert left == [], [p.info["cmdline"] for p in left]
