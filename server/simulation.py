@@ -120,9 +120,9 @@ def prepare(args):
         if not found:
             raise UserError(f"model.builder {config.model.builder!r}: no module {module!r} on this Python's path; "
                             "install it or add its folder to PYTHONPATH")
-    if not args.resume:
-        check_writable(out)
     federation = load_federation(config)
+    if not args.resume:  # after the data checks: a refused run leaves no directory behind
+        check_writable(out)
     for note in federation.dataset.notes:
         print(f"note: {note}")
     print(hospital_table([s.train_y for s in federation.shards], federation.dataset.class_names,
@@ -421,7 +421,9 @@ def main(argv=None) -> int:
         simulation.wait_for_superlink()
         simulation.stream(progress.show)
         progress.close()
-        succeeded = None if simulation.stop_requests > 1 else simulation.run_succeeded()
+        # status.json (the ServerApp's own word) makes asking Flower unnecessary.
+        succeeded = None if simulation.stop_requests > 1 or (out / "status.json").is_file() \
+            else simulation.run_succeeded()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
