@@ -44,7 +44,7 @@ STARTUP_TIMEOUT = 60.0  # seconds to wait for the private SuperLink to answer
 # starts slower (it imports TensorFlow; a very busy machine) is relaunched, forever. The
 # SuperLink's log says so with this line, and simulate.py then stops with a clear message.
 RELAUNCH_LOOP = "task-token authentication failed"
-RELAUNCHES_TOLERATED = 3
+RELAUNCHES_TOLERATED = 10  # ~30-40 s each: minutes of patience on a busy machine, not forever
 
 
 def parse_args(argv):

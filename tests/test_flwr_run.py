@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +106,9 @@ def test_ctrl_c_once_asks_for_a_stop_twice_stops_now_and_leaves_no_process(tmp_p
         seen.append(line)
         if line.startswith("Round 1/"):
             break
-    assert any(line.startswith("Round 1/") for line in seen), "".join(seen)
+    if not any(line.startswith("Round 1/") for line in seen):
+        proc.kill()
+        pytest.fail("no round line:\n" + "".join(seen)[-2000:] + proc.stderr.read()[-2000:])
     assert _flower_processes(flwr_home), "the simulation runs under the given FLWR_HOME"
 
     proc.send_signal(signal.SIGINT)
