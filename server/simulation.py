@@ -184,6 +184,7 @@ class Simulation:
         self.transcript: list[str] = []
         self.stop_requests = 0
         self.stalled = False
+        self.saved_config: bytes | None = None
 
     # -- start-up -------------------------------------------------------------------------------------
     def start_superlink(self) -> None:
@@ -197,7 +198,10 @@ class Simulation:
         # Its own session: the terminal's Ctrl-C reaches simulate.py only, which decides what stops.
         self.superlink = subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                           start_new_session=True)
-        (self.flwr_home / "config.toml").write_text(
+        config_toml = self.flwr_home / "config.toml"
+        # A user-set FLWR_HOME may hold the user's own Flower Configuration: put it back at the end.
+        self.saved_config = config_toml.read_bytes() if config_toml.is_file() else None
+        config_toml.write_text(
             "# Written by hospital-fl's simulate: one local simulation SuperLink, started and stopped per run.\n"
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
             f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
@@ -339,6 +343,8 @@ class Simulation:
         self.save_transcript()
         if self.own_home:
             shutil.rmtree(self.flwr_home, ignore_errors=True)
+        elif self.saved_config is not None:
+            (self.flwr_home / "config.toml").write_bytes(self.saved_config)
 
 
 def _executable(name: str) -> str:

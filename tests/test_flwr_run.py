@@ -97,6 +97,9 @@ def test_ctrl_c_once_asks_for_a_stop_twice_stops_now_and_leaves_no_process(tmp_p
     import time
 
     flwr_home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
+    flwr_home.mkdir()
+    users_config = '[superlink]\ndefault = "mine"\n\n[superlink.mine]\naddress = "example.org:9093"\n'
+    (flwr_home / "config.toml").write_text(users_config)  # the user's own Flower Configuration
     command = [sys.executable, "simulate.py", "--out", str(run_dir), "--set", "hospitals=2", "--set", "rounds=50",
                "--set", "privacy.max_epsilon=1000", "--set", f"privacy.odometer_dir={tmp_path / 'odometer'}"]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -123,3 +126,4 @@ def test_ctrl_c_once_asks_for_a_stop_twice_stops_now_and_leaves_no_process(tmp_p
     time.sleep(1)
     left = _flower_processes(flwr_home)
     assert left == [], [p.info["cmdline"] for p in left]
+    assert (flwr_home / "config.toml").read_text() == users_config  # put back as it was
