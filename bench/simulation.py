@@ -8,6 +8,9 @@ Every N runs the same settings on the same digits data (so more hospitals = smal
 as a subprocess with a fresh odometer directory. Measured per run:
 - wall: start of the subprocess to its exit (Python and TensorFlow imports, Ray start-up,
   every round, evaluation, accounting, saving);
+- start-up: start of the subprocess to its first round line ("Round 1/N |"): everything a user
+  waits through before the first result (Flower's SuperLink and simulation process, Ray,
+  TensorFlow in every process, the first DP-SGD trace, round 1 itself);
 - train: the sum of every hospital's own DP-SGD training seconds from its local train log;
 - overhead = wall / train: what the federation costs on top of the training itself;
 - peak memory: the largest sum of RSS over simulate.py and all its descendants (Ray's GCS,
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -109,9 +113,14 @@ def run_one(hospitals: int, rounds: int, workdir: Path) -> dict:
     log_path = workdir / f"simulate-{hospitals}.log"
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
+    first_round = None  # seconds from the command's start to its first round line
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         with TreeMemory(proc.pid) as memory:
+            for line in proc.stdout:
+                log.write(line)
+                if first_round is None and re.match(r"Round 1/\d+ \|", line):
+                    first_round = time.perf_counter() - start
             returncode = proc.wait()
     wall = time.perf_counter() - start
     load_after = os.getloadavg()[0]
@@ -137,6 +146,7 @@ def run_one(hospitals: int, rounds: int, workdir: Path) -> dict:
         "train_records": len(train_logs),  # hospitals x rounds when every round trained
         "examples_per_hospital": [min(sizes), max(sizes)] if sizes else None,
         "wall_s": round(wall, 2),
+        "startup_s": round(first_round, 2) if first_round is not None else None,  # command start -> round 1 line
         "rounds_s": round(sum(round_seconds), 2),  # the rounds alone, as the coordinator timed them
         "train_s": round(train, 2),
         "round1_s": round(round_seconds[0], 2) if round_seconds else None,
@@ -159,13 +169,15 @@ def print_table(results: dict, rounds: int) -> None:
     print(f"digits, {rounds} rounds, {' '.join('--set ' + s for s in SETTINGS)}; "
           f"overhead = wall / sum of hospitals' training time; memory = peak summed RSS of the process tree")
     print("round 1 / later: coordinator's round seconds (hospitals' summed training seconds); later = mean of rounds 2+")
-    print(f"{'N':>4} {'examples':>9} {'wall s':>8} {'train s':>8} {'overhead':>9} {'round 1 s':>15} "
+    print("start-up: seconds from the command's start to its first round line (Round 1/...)")
+    print(f"{'N':>4} {'examples':>9} {'wall s':>8} {'start-up':>9} {'train s':>8} {'overhead':>9} {'round 1 s':>15} "
           f"{'later round s':>15} {'peak MB':>8} {'procs':>6} {'accuracy':>9} {'load':>11}")
     for row in results.values():
         sizes = row["examples_per_hospital"]
         first = f"{row['round1_s']:.1f} ({row['round1_train_s']:.1f})"
         later = f"{row['later_round_s']:.1f} ({row['later_round_train_s']:.1f})" if row["later_round_s"] is not None else "-"
-        print(f"{row['hospitals']:>4} {sizes[0]:>4}-{sizes[1]:<4} {row['wall_s']:8.1f} "
+        startup = f"{row['startup_s']:9.1f}" if row["startup_s"] is not None else f"{'-':>9}"
+        print(f"{row['hospitals']:>4} {sizes[0]:>4}-{sizes[1]:<4} {row['wall_s']:8.1f} {startup} "
               f"{row['train_s']:8.1f} {row['overhead_ratio']:8.1f}x {first:>15} {later:>15} {row['peak_rss_mb']:8d} "
               f"{row['processes_at_peak']:6d} {row['final_accuracy']:9.3f} "
               f"{row['load_1min'][0]:5.1f}/{row['load_1min'][1]:<5.1f}")

@@ -81,7 +81,7 @@ def _error_log(context: Context, text: str) -> None:
 
 
 def _site(context: Context):
-    config = from_run_config(context.run_config)
+    config = from_run_config(context.run_config, int(context.node_config.get("num-partitions", 0)))
     if "hospital-id" in context.node_config:
         return config, deployment_site(context.node_config, config)
     return config, simulation_site(config, int(context.node_config["partition-id"]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class ModelConfig:
     activation: str = "tanh"  # tanh | relu | elu | sigmoid (bounded ones train better under DP)
     normalization: str = "group"  # group (GroupNorm without affine weights) | none; never batch norm
     head: str = "flatten"  # flatten (the reference network) | avgpool (global average: far fewer weights)
+    builder: str = ""  # package.module:function(input_shape, num_classes) -> tf-keras model; "" = the CNN above
 
 
 @dataclass
@@ -208,6 +210,8 @@ def validate(config: Config) -> Config:
         raise UserError(f"config key 'dp.noise_multiplier' must be > 0 (or auto), got {sigma}")
     if not config.model.filters or any(width < 1 for width in config.model.filters):
         raise UserError(f"config key 'model.filters' must be a non-empty list of positive ints, got {config.model.filters}")
+    if config.model.builder and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", config.model.builder):
+        raise UserError(f"config key 'model.builder' must look like package.module:function, got {config.model.builder!r}")
     if config.data.source != "digits" and not config.data.path:
         raise UserError(f"config key 'data.path' is required for data.source={config.data.source}: set it to the file or folder")
     if isinstance(config.data.path, list) and len(config.data.path) != config.hospitals:
@@ -288,12 +292,34 @@ def from_dict(values: dict) -> Config:
     return validate(config)
 
 
-def from_run_config(run_config: dict) -> Config:
-    """The one mapping from Flower's run config: `config-json` if set, else `config-path`."""
+# Run-config keys that are not settings; every other key is a flat schema key (`rounds`,
+# `privacy.max_epsilon`...) declared in pyproject's [tool.flwr.app.config] with "" for "not set".
+RUN_CONFIG_OWN_KEYS = ("config-path", "config-json", "run-dir", "resume-dir")
+
+
+def from_run_config(run_config: dict, simulated_hospitals: int = 0) -> Config:
+    """The one mapping from Flower's run config onto the schema.
+
+    `config-json` (the whole resolved config) if set, else the YAML at `config-path`; then each
+    flat key that is set (`flwr run . --run-config "rounds=3 privacy.max_epsilon=4"`). In a Flower
+    simulation the number of simulated SuperNodes is the number of hospitals (`simulated_hospitals`).
+    """
     text = str(run_config.get("config-json", "") or "")
     if text:
-        return from_dict(json.loads(text))
-    path = Path(str(run_config.get("config-path", "configs/default.yaml")))
-    if not path.is_absolute():
-        path = PROJECT_ROOT / path
-    return load_config(path)
+        config = from_dict(json.loads(text))
+    else:
+        path = Path(str(run_config.get("config-path", "") or "configs/default.yaml"))
+        config = load_config(path if path.is_absolute() else PROJECT_ROOT / path)
+    for key, value in run_config.items():
+        if key in RUN_CONFIG_OWN_KEYS or value == "":
+            continue
+        nested: dict = {}
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        _apply(config, nested)
+    if simulated_hospitals:
+        config.hospitals = simulated_hospitals
+    return validate(config)

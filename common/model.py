@@ -6,13 +6,38 @@ in a batch, so per-example clipping would no longer bound one patient's influenc
 the default activation because bounded activations train better under DP-SGD
 (Papernot et al., "Tempered Sigmoid Activations for Deep Learning with Differential Privacy").
 """
+import importlib
+
+from common.errors import UserError
 from common.tf_setup import keras, tf
 
 
 def make_model(model_config, input_shape, num_classes):
-    """The configured network (the `model` section of the config): the one call both sides make."""
-    return build_model(input_shape, num_classes, model_config.filters, model_config.dense_units,
-                       model_config.activation, model_config.normalization, model_config.head)
+    """The network both sides use: `model.builder` if the config names one, else `build_model`.
+
+    A builder is `package.module:function`, called as function(input_shape, num_classes) and
+    returning an uncompiled tf-keras model with one sigmoid unit for two classes or a softmax
+    over `num_classes`. Its module must be importable by every process (installed, or on
+    PYTHONPATH): the ServerApp's and every hospital's.
+    """
+    if not model_config.builder:
+        return build_model(input_shape, num_classes, model_config.filters, model_config.dense_units,
+                           model_config.activation, model_config.normalization, model_config.head)
+    module_name, function_name = model_config.builder.split(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise UserError(f"model.builder {model_config.builder!r}: cannot load it ({error}); "
+                        "put the module on PYTHONPATH or install it") from None
+    model = builder(tuple(input_shape), num_classes)
+    if not isinstance(model, keras.Model):
+        raise UserError(f"model.builder {model_config.builder!r} returned {type(model).__name__}, "
+                        "not a tf-keras model (import keras via tf_keras)")
+    want = 1 if num_classes == 2 else num_classes
+    if model.output_shape[-1] != want:
+        raise UserError(f"model.builder {model_config.builder!r}: the model outputs {model.output_shape[-1]} "
+                        f"values, expected {want} for {num_classes} classes")
+    return model
 
 
 def build_model(input_shape, num_classes, filters=(16, 32, 64), dense_units=64, activation="tanh",

@@ -73,18 +73,26 @@ def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_a
         worst = max(latest.values(), key=lambda r: r["epsilon"])
         lines.append(f"Privacy: maximum epsilon {worst['epsilon']:.3f} at delta {worst['delta']:g} "
                      f"({worst['hospital']}), PLD accounting over Poisson-sampled DP-SGD steps.")
-        for record in sorted(latest.values(), key=lambda r: (len(r["hospital"]), r["hospital"])):
-            lines.append(f"  {record['hospital']}: epsilon {record['epsilon']:.3f} of {record['max_epsilon']:g}, "
-                         f"{record['max_epsilon'] - record['epsilon']:.3f} left")
+        if len(latest) <= LISTED_HOSPITALS:
+            for record in sorted(latest.values(), key=lambda r: (len(r["hospital"]), r["hospital"])):
+                lines.append(f"  {record['hospital']}: epsilon {record['epsilon']:.3f} of {record['max_epsilon']:g}, "
+                             f"{record['max_epsilon'] - record['epsilon']:.3f} left")
+        else:  # 50 lines would bury the rest: the report lists every hospital
+            values = [r["epsilon"] for r in latest.values()]
+            left = [r["max_epsilon"] - r["epsilon"] for r in latest.values()]
+            lines.append(f"  {len(values)} hospitals: epsilon min {min(values):.3f}, median {statistics.median(values):.3f}, "
+                         f"max {max(values):.3f}; budget left min {min(left):.3f} (each hospital: report.md)")
         if exhausted:
-            lines.append(f"Ended on budget (cannot afford another round): {', '.join(exhausted)}")
+            named = ", ".join(exhausted[:LISTED_HOSPITALS]) + (f" and {len(exhausted) - LISTED_HOSPITALS} more"
+                                                               if len(exhausted) > LISTED_HOSPITALS else "")
+            lines.append(f"Ended on budget (cannot afford another round): {named}")
         if declined_at:
             hospital, needed = min(declined_at.items(), key=lambda item: item[1])
             lines.append(f"  {len(declined_at)} hospital(s) declined; the cheapest, {hospital}, would have reached "
                          f"epsilon {needed:.3f} > {latest[hospital]['max_epsilon']:g}. The budget left cannot pay for a "
                          "useful round: only the hospital can raise its privacy.max_epsilon (with a fixed "
                          "dp.noise_multiplier, raising it or lowering train.local_epochs also helps).")
-    lines.append(f"Run directory: {run.path} (config.yaml, metrics.jsonl, privacy_ledger.jsonl, model.keras, "
-                 "accuracy.png, epsilon.png)")
+    lines.append(f"Run directory: {run.path} (report.md, config.yaml, metrics.jsonl, privacy_ledger.jsonl, "
+                 "model.keras, plots)")
     lines.append(f"Audit it: python -m server.audit {run.path}")
     return lines

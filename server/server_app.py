@@ -5,6 +5,7 @@ of hospitals that trained, append every hospital's privacy record to the ledger,
 (federated on hospitals' held-out splits and centrally on the test set), print the round's
 line, and stop when no hospital can afford another round.
 """
+import json
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -18,7 +19,9 @@ from common.tf_setup import keras
 from server.ledger import PrivacyLedger
 from server.plan import ask_plans, plan_lines, wait_for_hospitals
 from server.report import round_line, summary_lines
+from server.report_md import write_report
 from server.run_dir import RunDirectory
+from server.simulated import simulated_hospitals
 from server.strategy import PrivateFedAvg
 
 app = ServerApp()
@@ -29,7 +32,8 @@ HOSPITAL_WAIT_SECONDS = 600  # how long to wait for the configured hospitals bef
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds and write the run directory."""
-    config = from_run_config(context.run_config)
+    simulated = simulated_hospitals(grid)  # 0 in a deployment
+    config = from_run_config(context.run_config, simulated)
     run = RunDirectory.create(context.run_config.get("run-dir", ""))
     run.write_config(to_dict(config))
     dataset, test_x, test_y = central_test_set(config)
@@ -56,9 +60,13 @@ def main(grid: Grid, context: Context) -> None:
         "planned_rounds": config.rounds,
     })
     print(f"Run directory: {run.path}", flush=True)
+    print("Asking the hospitals for their privacy plans (each loads its data and plans its noise) ...", flush=True)
     nodes = wait_for_hospitals(grid, config.hospitals, timeout=HOSPITAL_WAIT_SECONDS)
-    for line in plan_lines(ask_plans(grid, nodes, train_config, timeout=HOSPITAL_WAIT_SECONDS), config.rounds):
+    plans = ask_plans(grid, nodes, train_config, timeout=HOSPITAL_WAIT_SECONDS)
+    (run.path / "plan.json").write_text(json.dumps(plans, indent=1, sort_keys=True))
+    for line in plan_lines(plans, config.rounds):
         print(line, flush=True)
+    print(f"Round 1/{config.rounds} starts: the hospitals compile the DP-SGD step first ...", flush=True)
     started = time.time()
     for server_round in range(1, config.rounds + 1):
         round_started = time.time()
@@ -91,3 +99,4 @@ def main(grid: Grid, context: Context) -> None:
     run.plot(ledger.records)
     for line in summary_lines(run, ledger.latest(), strategy.exhausted(), strategy.declined_at, time.time() - started):
         print(line, flush=True)
+    write_report(run, config, simulated=bool(simulated))

@@ -1,0 +1,458 @@
+"""Simulate N hospitals on one machine through Flower's public CLI: `flwr run` on a local simulation.
+
+    python simulate.py                                   # the embedded default (configs/default.yaml)
+    python simulate.py --set dp.noise_multiplier=1.5 --set rounds=10 --out runs/sigma15
+    python simulate.py --config configs/my.yaml
+    hospital-fl simulate --set rounds=2                  # the same, once the package is installed
+
+What it does, in Flower's own terms: start a private SuperLink in simulation mode, write a
+Flower Configuration naming it (in a private FLWR_HOME, so the user's own
+`~/.flwr/config.toml` is never touched), then `flwr run APP CONNECTION --stream` with
+`--federation-config num-supernodes=<hospitals>` and the resolved config as `--run-config`.
+The ServerApp's round lines are shown as they arrive; Flower's own INFO chatter is kept in
+`<run-dir>/flower.log`. Ctrl-C once asks the ServerApp to stop after the round (`<run-dir>/STOP`);
+twice stops everything now. The exit code is the ServerApp's (`<run-dir>/status.json`), 2 for
+bad input, 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent  # the source tree, or site-packages once installed
+CONNECTION = "hospital-fl-simulation"  # the connection's name in the private Flower Configuration
+APP_PACKAGES = ("server", "client", "common", "configs")  # what an installed app is assembled from
+# The package's copy of pyproject.toml when installed from a wheel (see pyproject's force-include).
+INSTALLED_APP_TOML = ROOT / "server" / "flower_app" / "pyproject.toml"
+# Flower's INFO lines repeat what the round lines say; they go to flower.log, not the terminal.
+FLOWER_CHATTER = re.compile(r"^(\x1b\[[0-9;]*m)*(INFO|DEBUG)\b|Since flwr 1\.32|^Successfully (started run|installed)"
+                            r"|^Using SuperLink: ")
+STARTUP_TIMEOUT = 60.0  # seconds to wait for the private SuperLink to answer
+# Flower 1.42 gives its simulation process 30 s from launch to its first heartbeat; one that
+# starts slower (it imports TensorFlow; a very busy machine) is relaunched, forever. The
+# SuperLink's log says so with this line, and simulate.py then stops with a clear message.
+RELAUNCH_LOOP = "task-token authentication failed"
+RELAUNCHES_TOLERATED = 10  # ~30-40 s each: minutes of patience on a busy machine, not forever
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None,
+                        help="YAML file of overrides (default: configs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set dp.noise_multiplier=1.2 (repeatable)")
+    parser.add_argument("--out", default=None, help="run directory to create (default: runs/run-<time>)")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="continue this run directory from its last checkpoint (its config.yaml, then --set)")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's own log lines as well")
+    return parser.parse_args(argv)
+
+
+def default_config_path() -> Path:
+    from common.config import PROJECT_ROOT
+
+    return PROJECT_ROOT / "configs" / "default.yaml"
+
+
+def _absolute_paths(resolved: dict) -> dict:
+    """Paths in the config, made absolute against the user's directory: the apps run elsewhere."""
+    data = resolved["data"]
+    if isinstance(data["path"], list):
+        data["path"] = [str(Path(p).expanduser().resolve()) for p in data["path"]]
+    elif data["path"]:
+        data["path"] = str(Path(data["path"]).expanduser().resolve())
+    privacy = resolved["privacy"]
+    privacy["odometer_dir"] = str(Path(privacy["odometer_dir"]).expanduser().resolve())
+    return resolved
+
+
+def check_writable(out: Path) -> None:
+    """Create the (empty) run directory now and probe it, so a bad --out fails before start-up."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UserError(f"cannot write the run directory {out}: {reason}; choose another --out") from None
+
+
+def prepare(args):
+    """Resolve the config, check the data and the run directory before anything starts."""
+    from common.config import load_config, to_dict
+    from common.federation import load_federation
+    from common.partition import hospital_table
+
+    if args.resume:
+        out = Path(args.resume).expanduser().resolve()
+        if not (out / "config.yaml").is_file():
+            raise UserError(f"--resume {out}: not a run directory (no config.yaml in it); pass the run's directory")
+        if args.out and Path(args.out).expanduser().resolve() != out:
+            raise UserError("--resume continues the given run directory: leave out --out")
+        config = load_config(args.config or out / "config.yaml", args.overrides)
+    else:
+        config = load_config(args.config or default_config_path(), args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+        out = out.expanduser().resolve()
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"run directory {out} already exists and is not empty: choose another --out")
+    if config.model.builder:  # import it in every process later; find it now, before anything starts
+        import importlib.util
+
+        module = config.model.builder.split(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise UserError(f"model.builder {config.model.builder!r}: no module {module!r} on this Python's path; "
+                            "install it or add its folder to PYTHONPATH")
+    federation = load_federation(config)
+    if not args.resume:  # after the data checks: a refused run leaves no directory behind
+        check_writable(out)
+    for note in federation.dataset.notes:
+        print(f"note: {note}")
+    print(hospital_table([s.train_y for s in federation.shards], federation.dataset.class_names,
+                         [s.name for s in federation.shards]))
+    print(f"Central test set: {len(federation.test_y)} examples; input {federation.dataset.input_shape}, "
+          f"{federation.dataset.num_classes} classes.")
+    return config, _absolute_paths(to_dict(config)), out
+
+
+# ---- Flower: a private SuperLink, a private Flower Configuration, `flwr run` ------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def child_environment(flwr_home: Path) -> dict:
+    """The environment of every Flower process (and so of Ray's workers and the apps)."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    # Flower starts its helpers (flower-superexec, flwr-simulation) by name: put this Python's
+    # scripts first, so an un-activated venv (`/venv/bin/hospital-fl simulate`) works too.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower reports usage unless told not to
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's future-GPU-handling warning
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    return env
+
+
+def app_directory(flwr_home: Path) -> Path:
+    """The Flower App to run: the source tree itself, or one assembled from the installed package."""
+    if (ROOT / "pyproject.toml").is_file() and (ROOT / "configs").is_dir():
+        return ROOT
+    if not INSTALLED_APP_TOML.is_file():
+        raise UserError(f"cannot find the Flower App's pyproject.toml under {ROOT}: reinstall hospital-fl")
+    app = flwr_home / "app"
+    for name in APP_PACKAGES:
+        shutil.copytree(ROOT / name, app / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(INSTALLED_APP_TOML, app / "pyproject.toml")
+    return app
+
+
+class Simulation:
+    """One private SuperLink (simulation mode) and one `flwr run`; everything they start ends with it."""
+
+    def __init__(self, config, resolved: dict, out: Path, resume: bool, verbose: bool):
+        self.config, self.resolved, self.out, self.resume, self.verbose = config, resolved, out, resume, verbose
+        user_home = os.environ.get("FLWR_HOME")
+        # A user-set FLWR_HOME is theirs to keep; otherwise a throw-away one, so ~/.flwr is untouched.
+        self.flwr_home = Path(user_home) if user_home else Path(tempfile.mkdtemp(prefix="hospital-fl-flwr-"))
+        self.own_home = not user_home
+        self.env = child_environment(self.flwr_home)
+        self.superlink: subprocess.Popen | None = None
+        self.flwr_run: subprocess.Popen | None = None
+        self.run_id: int | None = None
+        self.transcript: list[str] = []
+        self.stop_requests = 0
+        self.stalled = False
+        self.saved_config: bytes | None = None
+
+    # -- start-up -------------------------------------------------------------------------------------
+    def start_superlink(self) -> None:
+        self.port, control = _free_port(), _free_port()
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        log_file = self.flwr_home / "superlink.log"
+        command = [_executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--control-api-address", f"127.0.0.1:{control}",
+                   # The apps' dependencies are this environment's; never `uv sync` a new one per run.
+                   "--disable-runtime-dependency-installation", "--log-file", str(log_file)]
+        # Its own session: the terminal's Ctrl-C reaches simulate.py only, which decides what stops.
+        self.superlink = subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True)
+        config_toml = self.flwr_home / "config.toml"
+        # A user-set FLWR_HOME may hold the user's own Flower Configuration: put it back at the end.
+        self.saved_config = config_toml.read_bytes() if config_toml.is_file() else None
+        config_toml.write_text(
+            "# Written by hospital-fl's simulate: one local simulation SuperLink, started and stopped per run.\n"
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+
+    def wait_for_superlink(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.superlink.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {self.superlink.returncode}; "
+                                   f"see {self.flwr_home / 'superlink.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"flower-superlink did not answer within {STARTUP_TIMEOUT:.0f} s")
+
+    def watch_for_relaunch_loop(self) -> None:
+        """In a thread: stop everything if Flower keeps relaunching a simulation that starts too slowly."""
+        import threading
+
+        def watch():
+            log_file = self.flwr_home / "superlink.log"
+            while self.flwr_run is None or self.flwr_run.poll() is None:
+                time.sleep(2)
+                try:
+                    failures = log_file.read_text(errors="replace").count(RELAUNCH_LOOP)
+                except OSError:
+                    continue
+                if failures >= 3 * RELAUNCHES_TOLERATED:  # three failed calls per launch
+                    self.stalled = True
+                    self.shutdown()
+                    return
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    def run_config_file(self) -> Path:
+        import tomli_w
+
+        run_config = {"config-json": json.dumps(self.resolved), "run-dir": str(self.out), "config-path": ""}
+        if self.resume:
+            run_config["resume-dir"] = str(self.out)
+        path = self.flwr_home / "run-config.toml"
+        path.write_text(tomli_w.dumps(run_config))
+        return path
+
+    def flwr_run_command(self, app: Path) -> list[str]:
+        cpus = os.cpu_count() or 1
+        federation = [
+            f"num-supernodes={self.config.hospitals}",
+            f"client-resources-num-cpus={max(1, round(self.config.simulation.cpus_per_client))}",
+            "client-resources-num-gpus=0.0",
+            f"init-args-num-cpus={cpus}",
+            'init-args-logging-level="ERROR"',
+            # Each hospital's own log (local training loss) stays out of the coordinator's terminal.
+            "init-args-log-to-driver=false",
+        ]
+        return [_executable("flwr"), "run", str(app), CONNECTION, "--stream",
+                "--run-config", str(self.run_config_file()),
+                "--federation-config", " ".join(federation)]
+
+    # -- running ----------------------------------------------------------------------------------------
+    def stream(self, show) -> int | None:
+        """Run `flwr run --stream`, pass its lines to `show`; return its exit code (None if killed)."""
+        app = app_directory(self.flwr_home)
+        self.flwr_run = subprocess.Popen(self.flwr_run_command(app), env=self.env, cwd=app, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        self.watch_for_relaunch_loop()
+        for line in self.flwr_run.stdout:
+            line = line.rstrip("\n")
+            self.transcript.append(line)
+            if self.run_id is None and (found := re.search(r"Successfully started run (\d+)", line)):
+                self.run_id = int(found.group(1))
+            if self.verbose or not FLOWER_CHATTER.search(line):
+                show(line)
+        return self.flwr_run.wait()
+
+    def request_stop(self) -> None:
+        """Ctrl-C: once asks for a stop after this round (the STOP file); twice stops now."""
+        self.stop_requests += 1
+        if self.stop_requests == 1:
+            try:
+                (self.out / "STOP").touch()
+            except OSError:
+                pass
+            print("\nstopping after this round (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+        else:
+            print("\nstopping now", file=sys.stderr, flush=True)
+            self.shutdown()
+
+    def run_succeeded(self) -> bool | None:
+        """Did Flower see the run complete? (None when it cannot be asked.)"""
+        if self.run_id is None:
+            return None
+        try:
+            result = subprocess.run([_executable("flwr"), "list", CONNECTION, "--run-id", str(self.run_id),
+                                     "--format", "json"], env=self.env, capture_output=True, text=True, timeout=30)
+            status = json.dumps(json.loads(result.stdout))
+        except (subprocess.SubprocessError, ValueError, OSError):
+            return None
+        if "finished:completed" in status:
+            return True
+        return False if "finished:" in status else None
+
+    # -- ending -----------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """End `flwr run`, the SuperLink and everything below it (the simulation, Ray and its workers)."""
+        import psutil
+
+        procs = []
+        for parent in (self.flwr_run, self.superlink):
+            if parent is None or parent.poll() is not None:
+                continue
+            try:
+                root = psutil.Process(parent.pid)
+                procs += [root, *root.children(recursive=True)]
+            except psutil.Error:
+                pass
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+    def save_transcript(self) -> None:
+        if self.out.is_dir() and self.transcript:
+            with open(self.out / "flower.log", "a", encoding="utf-8") as handle:
+                handle.write("\n".join(self.transcript) + "\n")
+
+    def cleanup(self) -> None:
+        self.shutdown()
+        self.save_transcript()
+        if self.own_home:
+            shutil.rmtree(self.flwr_home, ignore_errors=True)
+        elif self.saved_config is not None:
+            (self.flwr_home / "config.toml").write_bytes(self.saved_config)
+
+
+def _executable(name: str) -> str:
+    """Flower's command next to this Python (the venv's bin), or on the PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise UserError(f"cannot find Flower's `{name}` command: install hospital-fl's dependencies (flwr[simulation])")
+    return found
+
+
+def outcome(out: Path, succeeded: bool | None, interrupted: bool) -> int:
+    """The ServerApp's exit code from status.json; else 130 if interrupted, 0 if Flower saw success."""
+    status = out / "status.json"
+    if status.is_file():
+        try:
+            return int(json.loads(status.read_text())["exit_code"])
+        except (ValueError, KeyError, TypeError, OSError):
+            pass
+    if interrupted:
+        return 130
+    if succeeded is False or not (out / "metrics.jsonl").is_file():
+        return 1
+    return 0
+
+
+class Progress:
+    """A spinner with the elapsed time between the ServerApp's lines (only on a terminal)."""
+
+    def __init__(self, rounds: int):
+        from rich.console import Console
+
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.rounds = rounds
+        self.status = None
+        self.started = time.monotonic()
+        if self.console.is_terminal:
+            self.status = self.console.status("Starting Flower's simulation: Ray, TensorFlow, the first DP-SGD trace ...")
+            self.status.start()
+
+    def show(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False)
+        if self.status is None:
+            return
+        done = re.match(r"Round (\d+)/(\d+) \|", line)
+        if done:
+            next_round = int(done.group(1)) + 1
+            if next_round <= int(done.group(2)):
+                self.status.update(f"Round {next_round}/{done.group(2)}: hospitals training ...")
+        elif line.startswith("Run directory:") and self.status:
+            self.status.update(f"Round 1/{self.rounds}: hospitals load TensorFlow and train ...")
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config, resolved, out = prepare(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"Simulating {config.hospitals} hospitals for up to {config.rounds} rounds "
+          f"(DP-SGD: noise multiplier {config.dp.noise_multiplier}, clip {config.dp.l2_norm_clip}, "
+          f"batch {config.train.batch_size}; budget epsilon {config.privacy.max_epsilon} at delta {config.privacy.delta:g})",
+          flush=True)
+
+    simulation = Simulation(config, resolved, out, bool(args.resume), args.verbose)
+    progress = None
+    previous = signal.signal(signal.SIGINT, lambda *_: simulation.request_stop())
+    try:
+        simulation.start_superlink()
+        progress = Progress(config.rounds)
+        simulation.wait_for_superlink()
+        simulation.stream(progress.show)
+        progress.close()
+        # status.json (the ServerApp's own word) makes asking Flower unnecessary.
+        succeeded = None if simulation.stop_requests > 1 or (out / "status.json").is_file() \
+            else simulation.run_succeeded()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"error: Flower did not start: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if progress is not None:
+            progress.close()
+        simulation.cleanup()
+        signal.signal(signal.SIGINT, previous)
+    if simulation.stalled:
+        print("error: Flower's simulation process took longer than the 30 s Flower 1.42 allows it to start "
+              "(it imports TensorFlow; the machine is very busy) and was relaunched again and again: "
+              "try again when the machine is less loaded", file=sys.stderr)
+        return 1
+    code = outcome(out, succeeded, simulation.stop_requests > 0)
+    if code not in (0, 130) and not (out / "status.json").is_file():
+        print(f"error: the run failed; Flower's log is in {out / 'flower.log'}", file=sys.stderr)
+    elif simulation.stop_requests:
+        print("interrupted: the run directory and odometers keep what was written", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""report.md: privacy statement per hospital, final scores, embedded plots, readable at 50 hospitals."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+
+from common.config import load_config, to_dict
+from server.report_md import write_report
+
+
+def _fake_run(path: Path, hospitals: int, rounds: int):
+    """A run directory as the ServerApp writes it (digits, `hospitals` shards)."""
+    config = load_config(None, [f"hospitals={hospitals}", f"rounds={rounds}", "train.batch_size=4"])
+    (path / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    names = [f"hospital-{i}" for i in range(hospitals)]
+    with open(path / "privacy_ledger.jsonl", "w") as ledger, open(path / "metrics.jsonl", "w") as metrics:
+        for n in range(1, rounds + 1):
+            for i, name in enumerate(names):
+                ledger.write(json.dumps({"round": n, "hospital": name, "status": "trained", "noise_multiplier": 1.5,
+                                         "sampling_rate": 0.1, "steps": 10, "sampling": "poisson",
+                                         "epsilon": 0.5 * n + 0.01 * i, "delta": 1e-5, "max_epsilon": 8.0,
+                                         "accountant": "pld", "num_examples": 30}) + "\n")
+            evaluation = {name: {"accuracy": 0.5 + 0.005 * i, "loss": 1.0} for i, name in enumerate(names)}
+            metrics.write(json.dumps({"round": n, "accuracy": 0.6, "loss": 1.1, "federated_accuracy": 0.55,
+                                      "federated_loss": 1.2, "hospitals_evaluation": evaluation,
+                                      "hospitals_trained": hospitals, "seconds": 1.0}) + "\n")
+    return config
+
+
+def test_report_at_50_hospitals_states_every_epsilon_and_embeds_its_plots(tmp_path):
+    config = _fake_run(tmp_path, hospitals=50, rounds=3)
+    report = write_report(SimpleNamespace(path=tmp_path), config, simulated=True)
+    text = report.read_text()
+    for i in range(50):  # the privacy statement names every hospital with its epsilon
+        assert f"| hospital-{i} | {1.5 + 0.01 * i:.3f} | 1e-05 | 8 |" in text
+    assert "epsilon 1.990 at delta 1e-05** (hospital-49)" in text
+    assert "min 0.500, median" in text and "max 0.745" in text  # 50 per-hospital scores summarised
+    for image in ("report_epsilon.png", "report_hospital_accuracy.png", "report_labels.png"):
+        assert f"]({image})" in text and (tmp_path / image).stat().st_size > 1000
+
+
+def test_report_of_a_deployment_draws_no_label_distribution(tmp_path):
+    config = _fake_run(tmp_path, hospitals=3, rounds=2)
+    text = write_report(SimpleNamespace(path=tmp_path), config, simulated=False).read_text()
+    assert "report_labels.png" not in text and not (tmp_path / "report_labels.png").exists()
+    assert "| hospital-2 | 0.510 | 1.000 |" in text  # per-hospital table when few hospitals
