@@ -1,0 +1,66 @@
+"""The privacy plan: a hospital plans its noise from its own facts and tells the coordinator before round 1."""
+import math
+
+import numpy as np
+import pytest
+
+from tests.test_hostile import _context, _image_folder, _message
+
+
+def _plan_content(noise="auto", rounds=5, batch=8):
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({"config": ConfigRecord({
+        "batch_size": batch, "local_epochs": 1.0, "learning_rate": 0.2, "momentum": 0.9,
+        "l2_norm_clip": 1.0, "noise_multiplier": noise, "planned_rounds": rounds})})
+
+
+def test_a_hospital_answers_the_plan_query_with_public_numbers_within_its_budget(tmp_path):
+    from client.client_app import app
+    from common.privacy import PrivacyEvent, epsilon
+
+    folder = _image_folder(tmp_path / "data")
+    context = _context({"data-source": "folder", "data-path": str(folder), "max-epsilon": 4.0}, tmp_path)
+    reply = app(_message("query", _plan_content()), context)
+    assert not reply.has_error()
+    plan = dict(reply.content["plan"])
+    n = plan["num-examples"]
+    assert plan["hospital"] == "hospital-x" and 28 <= n < 40  # 40 images, ~10% held out by the hospital
+    assert plan["sampling-rate"] == pytest.approx(8 / n)
+    assert plan["steps-per-round"] == math.ceil(n / 8) and plan["rounds-planned"] == 5
+    # The planned sigma spends at least 90% of the budget over the planned rounds and never more.
+    sigma = plan["noise-multiplier"]
+    total = PrivacyEvent(sigma, 8 / n, 5 * plan["steps-per-round"])
+    assert plan["epsilon-planned"] == pytest.approx(epsilon([total], 1e-5), rel=1e-9)
+    assert 0.9 * 4.0 <= plan["epsilon-planned"] <= 4.0
+    assert epsilon([PrivacyEvent(sigma * 0.99, 8 / n, 5 * plan["steps-per-round"])], 1e-5) > 4.0
+    # Only numbers and the hospital's name: nothing from its files.
+    assert set(plan) == {"hospital", "num-examples", "sampling-rate", "steps-per-round", "epsilon-before",
+                         "max-epsilon", "delta", "noise-multiplier", "epsilon-planned", "rounds-planned"}
+    assert not (tmp_path / "odometer.jsonl").exists()  # planning charges nothing
+
+
+def test_plan_lines_show_each_hospital_and_who_declines():
+    from server.plan import plan_lines
+
+    plans = {
+        "hospital-1": {"num-examples": 900, "sampling-rate": 0.1422, "steps-per-round": 8, "epsilon-before": 0.0,
+                       "max-epsilon": 3.0, "delta": 1e-5, "noise-multiplier": 2.73, "epsilon-planned": 2.998,
+                       "rounds-planned": 20},
+        "hospital-0": {"num-examples": 120, "sampling-rate": 1.0, "steps-per-round": 1, "epsilon-before": 2.99,
+                       "max-epsilon": 3.0, "delta": 1e-5},
+    }
+    lines = plan_lines(plans, 20)
+    assert "20 round(s)" in lines[0]
+    assert lines[2].split()[0] == "hospital-0" and "declines" in lines[2]
+    assert lines[3].split()[:2] == ["hospital-1", "900"] and "2.73" in lines[3] and "2.998" in lines[3]
+
+
+def test_fixed_noise_is_kept_and_the_plan_shows_where_it_ends(tmp_path):
+    from client.client_app import app
+
+    folder = _image_folder(tmp_path / "data")
+    context = _context({"data-source": "folder", "data-path": str(folder)}, tmp_path)
+    plan = dict(app(_message("query", _plan_content(noise=0.6, rounds=20)), context).content["plan"])
+    assert plan["noise-multiplier"] == 0.6  # the config's sigma, not a planned one
+    assert np.isfinite(plan["epsilon-planned"]) and plan["epsilon-planned"] > 8.0  # past the budget: it stops early
