@@ -306,3 +306,14 @@ def test_hospital_npz_label_ranges_must_match(tmp_path):
     p2 = write_npz(tmp_path / "h2.npz", train_images=gray_images(4), train_labels=np.array([0, 1, 0, 1]))
     msg = user_error(load_hospital_paths, "npz", [p1, p2], image_size=0, on_bad_image="refuse")
     assert "h2.npz" in msg
+
+
+def test_folder_of_large_images_defaults_to_a_trainable_size_and_says_why(tmp_path):
+    root = make_folder(tmp_path / "xl", per_class=2, size=(120, 100), mode="RGB")
+    ds = load_dataset("folder", str(root))
+    assert ds.input_shape == (32, 32, 1) and ds.train_x.dtype == np.uint8
+    assert any("120x100" in n and "32x32" in n and "data.image_size" in n for n in ds.notes), ds.notes
+    # data.image_size still chooses; data.color rgb keeps the three channels.
+    big = load_dataset("folder", str(root), image_size=64, color="rgb")
+    assert big.input_shape == (64, 64, 3) and not any("training at" in n for n in big.notes)
+    assert not np.array_equal(big.train_x[..., 0], big.train_x[..., 1])  # colour kept, not gray copies
