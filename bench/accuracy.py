@@ -5,10 +5,12 @@
 
 For each data set in ../shared/data (read its README; a missing folder is skipped with a
 reason) and each epsilon:
-- federated: the real simulation (simulate.py through Flower) with only the data set,
-  `hospitals=5 data.partition=dirichlet data.alpha=0.5`, `privacy.max_epsilon` and the
-  rounds of the default recipe: every other setting is the default, noise planned by each
-  hospital (`dp.noise_multiplier: auto`), a fresh odometer per run. The ledger is audited.
+- federated: 5 hospitals, `data.partition=dirichlet data.alpha=0.5`, `privacy.max_epsilon`,
+  every other setting the default recipe, noise planned by each hospital
+  (`dp.noise_multiplier: auto`). By default in one process (bench.recipe: the run's own
+  engine, planner and example-weighted FedAvg); `--real` runs the real simulation
+  (simulate.py through Flower, a fresh odometer per run, its ledger audited) instead, which
+  adds Flower's start-up to every point.
 - centralized: the same examples pooled into one DP-SGD run at the same epsilon, batch,
   epochs and rounds (bench.recipe, the run's own engine and planner);
 - non-private: FedAvg on the same split without clipping or noise (once per data set).
@@ -108,7 +110,9 @@ def main():
     parser.add_argument("--eps", type=float, nargs="+", default=[1, 2, 3, 8])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the table as one JSON object")
+    parser.add_argument("--real", action="store_true", help="federated points through simulate.py (Flower)")
     parser.add_argument("--keep", default=None, help="keep run directories and logs here")
+    parser.add_argument("--plot-dir", default=str(RESULTS), help="where the PNGs go (default: %(default)s)")
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"skipped: {DATA} is absent (the shared real medical images)", file=sys.stderr)
@@ -125,15 +129,15 @@ def main():
                     for seed in range(args.repeats):
                         if not args.json:
                             print(f"{data} epsilon {eps:g} {mode} seed {seed} ...", file=sys.stderr, flush=True)
-                        if mode == "fed":
+                        if mode == "fed" and args.real:
                             runs.append(federated(data, eps, seed, workdir))
                         else:
                             config = config_for(data, [f"privacy.max_epsilon={eps}", f"seed={seed}"])
-                            runs.append(run(config, "central"))
+                            runs.append(run(config, mode))
                     table[mode][f"{eps:g}"] = point(runs)
             table["nonprivate"] = point([run(config_for(data, [f"seed={seed}"]), "nonprivate")
                                          for seed in range(args.repeats)])
-            png = RESULTS / f"accuracy_{data}.png"
+            png = Path(args.plot_dir) / f"accuracy_{data}.png"
             plot(data, table, png)
             config = config_for(data, [])
             table["recipe"] = {"rounds": config.rounds, "batch_size": config.train.batch_size,
@@ -157,7 +161,7 @@ def print_table(data: str, table: dict) -> None:
           f"(non-private FedAvg: {cell(table['nonprivate'])})")
     print(f"{'epsilon':>7}  {'federated':<28} {'eps reached':<14} {'centralized DP-SGD':<28}")
     for eps, fed in table["fed"].items():
-        reached = f"{fed['epsilon_min']:.2f}-{fed['epsilon_max']:.2f}"
+        reached = f"{fed['epsilon_min']:.2f}-{fed['epsilon_max']:.2f}" if "epsilon_min" in fed else "planned"
         print(f"{eps:>7}  {cell(fed):<28} {reached:<14} {cell(table['central'][eps]):<28}")
 
 

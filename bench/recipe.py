@@ -53,7 +53,7 @@ def run(config, mode: str) -> dict:
     train = config.train
     engine = DPSGDEngine(model, l2_norm_clip=config.dp.l2_norm_clip if private else 1e9, noise_multiplier=0.0,
                          learning_rate=train.learning_rate, momentum=train.momentum)
-    plans = []
+    plans, reached = [], []
     for _, y in shards:
         q = sampling_rate_for(train.batch_size, len(y))
         steps = steps_for(train.local_epochs, q)
@@ -65,6 +65,7 @@ def run(config, mode: str) -> dict:
                 raise ValueError(f"{len(y)} examples cannot fund {config.rounds} useful rounds at "
                                  f"epsilon {config.privacy.max_epsilon}")
             sigma = plan.noise_multiplier
+            reached.append(plan.epsilon_after)
         elif private:
             sigma = float(config.dp.noise_multiplier)
         plans.append((q, steps, sigma))
@@ -88,6 +89,7 @@ def run(config, mode: str) -> dict:
     scores = evaluate_model(model, federation.test_x, federation.test_y)
     return {"mode": mode, "examples": sizes.astype(int).tolist(), "noise_multipliers": [round(p[2], 4) for p in plans],
             "steps_per_round": [p[1] for p in plans], "accuracy_every_5_rounds": curve,
+            **({"epsilon_min": min(reached), "epsilon_max": max(reached)} if reached else {}),
             **{k: round(v, 4) for k, v in scores.items()}, "seconds": round(time.time() - started, 1)}
 
 
