@@ -32,6 +32,8 @@ def parse_args(argv):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set dp.noise_multiplier=1.2 (repeatable)")
     parser.add_argument("--out", default=None, help="run directory to create (default: runs/run-<time>)")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="continue RUN_DIR from its last checkpoint, with its own config.yaml")
     return parser.parse_args(argv)
 
 
@@ -41,9 +43,11 @@ def prepare(args):
     from common.federation import load_federation
     from common.partition import hospital_table
 
+    if args.resume:
+        args.config, args.out = str(Path(args.resume) / "config.yaml"), args.resume
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else ROOT / "runs" / time.strftime("run-%Y%m%d-%H%M%S")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if not args.resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"run directory {out} already exists and is not empty: choose another --out")
     federation = load_federation(config)
     for note in federation.dataset.notes:
@@ -55,7 +59,7 @@ def prepare(args):
     return config, to_dict(config), out
 
 
-def run(config, resolved: dict, out: Path) -> None:
+def run(config, resolved: dict, out: Path, resume: bool = False) -> None:
     """Start Flower's simulation engine with the project's apps and the resolved config."""
     # run_simulation() cannot pass a run config; its private twin can (pinned: flwr 1.42.0).
     from flwr.app import Context, RecordDict
@@ -67,6 +71,8 @@ def run(config, resolved: dict, out: Path) -> None:
     from flwr.supercore.telemetry import EventType
 
     run_config = {"config-json": json.dumps(resolved), "run-dir": str(out), "config-path": ""}
+    if resume:
+        run_config["resume-dir"] = str(out)
     run_id = int.from_bytes(os.urandom(7), "big")
     flower_run = Run.create_empty(run_id=run_id)
     flower_run.override_config = run_config
@@ -104,14 +110,15 @@ def main(argv=None) -> int:
               f"(DP-SGD: noise multiplier {config.dp.noise_multiplier}, clip {config.dp.l2_norm_clip}, "
               f"batch {config.train.batch_size}; budget epsilon {config.privacy.max_epsilon} at delta {config.privacy.delta:g})",
               flush=True)
-        run(config, resolved, out)
+        run(config, resolved, out, resume=bool(args.resume))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the run directory and odometers keep what was written", file=sys.stderr)
         return 130
-    return 0
+    status = out / "status.json"  # the ServerApp's verdict: 0, 1 (failed or rejected hospitals) or 130
+    return json.loads(status.read_text()).get("exit_code", 1) if status.is_file() else 1
 
 
 if __name__ == "__main__":
