@@ -75,8 +75,7 @@ def ledger_lost_charges(ledger: PrivacyLedger, odometer_dir: Path, flower_runs: 
         if not path.is_file():
             continue
         recorded = {r["round"] for r in ledger.records if r["hospital"] == hospital and r["steps"] > 0}
-        charges = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for charge in charges:
+        for charge in _readable_charges(path):
             if charge.get("run") not in runs or charge.get("round") in recorded:
                 continue
             last = [r for r in ledger.records if r["hospital"] == hospital][-1]
@@ -94,3 +93,21 @@ def ledger_lost_charges(ledger: PrivacyLedger, odometer_dir: Path, flower_runs: 
             written.append(ledger.append(record, prior_events=[]))
             recorded.add(charge["round"])
     return written
+
+
+def _readable_charges(path: Path) -> list[dict]:
+    """The odometer's well-formed charges; a damaged line is the hospital's to repair (it refuses to train)."""
+    charges = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            charge = json.loads(line)
+            PrivacyEvent.from_dict(charge)
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(charge.get("round"), int):
+            charges.append(charge)
+    return charges

@@ -225,6 +225,8 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
             metrics.append(record)
             completed = server_round
             save_checkpoint(server_round)
+            run.write_status(_status("running", completed, strategy, "the run has not finished",
+                                     exit_code=EXIT_WITH_PROBLEMS))
             print(round_line(record, config.rounds, ledger.latest()) + _outcome_text(outcome, outcome.updated),
                   flush=True)
             if strategy.everyone_exhausted(config.hospitals):
@@ -246,11 +248,23 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         print(f"error: {error}", flush=True)
         return
     except Exception as error:  # noqa: BLE001 - recorded, then Flower sees the failure too
-        log.error("the coordinator failed: %s", traceback.format_exc())
-        run.write_status(_status("failed", completed, strategy, f"the coordinator failed ({type(error).__name__}); "
-                                 f"details in {run.log}"))
+        _record_failure(run, completed, strategy, error)
+        raise
+    try:
+        _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed)
+    except Exception as error:  # noqa: BLE001
+        _record_failure(run, completed, strategy, error)
         raise
 
+
+def _record_failure(run: RunDirectory, completed: int, strategy: PrivateFedAvg, error: Exception) -> None:
+    log.error("the coordinator failed: %s", traceback.format_exc())
+    run.write_status(_status("failed", completed, strategy, f"the coordinator failed ({type(error).__name__}); "
+                             f"details in {run.log}"))
+
+
+def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed) -> None:
+    """Ledger lost charges (simulation), save the model and plots, print the summary, write status.json."""
     for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), flower_runs):
         log.info("%s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
     model.set_weights(arrays.to_numpy_ndarrays())
