@@ -105,3 +105,24 @@ def test_odometer_charges_without_a_ledger_record_are_ledgered_as_lost(tmp_path)
     assert "prior_events" not in lost[0]
     assert checkpoint.ledger_lost_charges(PrivacyLedger(ledger.path), odometer, [5]) == []  # once only
     assert os.path.getsize(ledger.path) > 0
+
+
+def test_first_signal_asks_for_a_stop_at_the_round_boundary_second_stops_now(tmp_path):
+    import signal
+
+    from server.server_app import StopFlag
+
+    stop = StopFlag(tmp_path / "STOP")
+    stop.install()
+    try:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested()  # the round loop sees this after the current round
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    fresh = StopFlag(tmp_path / "STOP")
+    assert not fresh.requested()
+    (tmp_path / "STOP").touch()  # the file contract: simulate.py or an operator creates it
+    assert fresh.requested()

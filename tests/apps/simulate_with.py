@@ -3,11 +3,13 @@
 Runs simulate.py unchanged, except that the simulated hospitals load the ClientApp
 MODULE:ATTR (a test-only app under tests/apps) instead of client.client_app:app.
 """
+import importlib
 import sys
 
-import flwr.simulation.run_simulation as flower_simulation
-
 import simulate
+
+# The package re-exports a function of the same name, so fetch the module itself.
+flower_simulation = importlib.import_module("flwr.simulation.run_simulation")
 
 _real = flower_simulation._run_simulation
 
