@@ -208,7 +208,7 @@ class PrivateFedAvg(FedAvg):
             for key, value in (("delta", report.delta), ("max_epsilon", report.max_epsilon)):
                 if value != first[key]:
                     raise Rejected(f"'{key.replace('_', '-')}' changed from {first[key]:g} to {value:g}")
-        self._check_epsilon(report)
+        self._check_epsilon(report, self._missing_rounds(name, node))
         return report
 
     def _history(self, report: PrivacyReport) -> list[PrivacyEvent]:
@@ -220,7 +220,11 @@ class PrivateFedAvg(FedAvg):
         return prior + [PrivacyEvent.from_dict(r) for r in self.ledger.records
                         if r["hospital"] == report.hospital and r["steps"] > 0]
 
-    def _check_epsilon(self, report: PrivacyReport) -> None:
+    def _missing_rounds(self, name: str, node: int) -> list[int]:
+        """Rounds this hospital (or its node, before its name was known) left without a record."""
+        return sorted(self.unledgered.get(name, []) + self.unledgered.get(f"node {node}", []))
+
+    def _check_epsilon(self, report: PrivacyReport, missing: list[int]) -> None:
         """Recompute the reply's epsilon; a lower claim is forged, a higher one must be explained."""
         history = self._history(report)
         expected = epsilon(history + [report.event], report.delta)
@@ -233,7 +237,7 @@ class PrivateFedAvg(FedAvg):
         # rejected. Each was one round of the same mechanism; find how many explain it.
         round_event = PrivacyEvent(report.event.noise_multiplier, report.event.sampling_rate,
                                    steps_for(self.plan.local_epochs, report.event.sampling_rate))
-        for lost in range(1, len(self.unledgered.get(report.hospital, [])) + 1):
+        for lost in range(1, len(missing) + 1):
             if _close(report.epsilon, epsilon(history + [round_event] * lost + [report.event], report.delta)):
                 self._lost = lost
                 return
@@ -245,7 +249,10 @@ class PrivateFedAvg(FedAvg):
         self.node_names.setdefault(str(node), name)
         self.declared.setdefault(name, report.num_examples)
         self.noise.setdefault(name, report.event.noise_multiplier)
-        missing = self.unledgered.pop(name, [])
+        missing = self._missing_rounds(name, node)
+        self.unledgered.pop(name, None)
+        self.unledgered.pop(f"node {node}", None)
+        prior = [e.to_dict() for e in report.prior_events]  # kept on the hospital's first record only
         if self._lost:
             history = self._history(report)
             round_event = PrivacyEvent(report.event.noise_multiplier, report.event.sampling_rate,
@@ -253,9 +260,9 @@ class PrivateFedAvg(FedAvg):
             for lost_round in missing[-self._lost:]:
                 history.append(round_event)
                 self.ledger.append(report.ledger_record(lost_round, "lost", epsilon(history, report.delta),
-                                                        round_event), prior_events=[])
+                                                        round_event), prior_events=prior)
                 log.info("round %d: %s's reply was lost but its charge stands: ledgered as lost", lost_round, name)
-        self.ledger.append(report.ledger_record(server_round), prior_events=[e.to_dict() for e in report.prior_events])
+        self.ledger.append(report.ledger_record(server_round), prior_events=prior)
         self.can_train[name] = report.can_train_again
         if report.status != "trained":
             self.declined_at[name] = report.epsilon_needed
@@ -272,9 +279,8 @@ class PrivateFedAvg(FedAvg):
             raise Rejected(f"update moved the weights {moved:.3g}, more than an honest round can ({bound:.3g})")
 
     def _note_missing(self, node: int, server_round: int) -> None:
-        name = self.node_names.get(str(node))
-        if name is not None:
-            self.unledgered.setdefault(name, []).append(server_round)
+        """A round that may have been charged but left no ledger record (kept by name, or by node)."""
+        self.unledgered.setdefault(self.label(node), []).append(server_round)
 
     def _reject(self, outcome: RoundOutcome, server_round: int, label: str, reason: str) -> None:
         outcome.rejected[label] = reason

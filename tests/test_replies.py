@@ -266,3 +266,18 @@ def test_update_bound_holds_for_a_real_dp_sgd_round():
     bound = update_bound(plan, 0.8, q, len(y), steps, sum(w.size for w in before))
     assert 0 < moved <= bound
     assert distance([np.full_like(w, 1e30) for w in before], before) > bound
+
+
+def test_a_charge_lost_before_the_name_was_known_is_ledgered_with_the_prior_spend(tmp_path):
+    fed = Federation(tmp_path)
+    # Round 1: hospital-0 was charged, then crashed before its name ever reached the coordinator.
+    fed.spent["hospital-0"].append(PrivacyEvent(SIGMA, sampling_rate_for(32, 320), steps_for(1.0, sampling_rate_for(32, 320))))
+    crash = Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason="killed"), reply_to=fed.request("hospital-0"))
+    _, outcome = fed.run([crash, fed.honest("hospital-1"), fed.honest("hospital-2")])
+    assert outcome.failed == {"node 101": "crash"}
+    _, outcome = fed.run([fed.honest(n) for n in NODES])
+    assert sorted(outcome.trained) == sorted(NODES), outcome
+    own = [r for r in fed.ledger.records if r["hospital"] == "hospital-0"]
+    assert [(r["round"], r["status"]) for r in own] == [(1, "lost"), (2, "trained")]
+    assert own[0]["prior_events"] == [e.to_dict() for e in PRIOR]
+    assert own[1]["epsilon"] == pytest.approx(epsilon(PRIOR + fed.spent["hospital-0"], DELTA), rel=1e-9)
