@@ -159,6 +159,22 @@ def main(grid: Grid, context: Context) -> None:
         close_log()
 
 
+def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateFedAvg, grid: Grid, config,
+             context: Context):
+    """Continue from a checkpoint: (global arrays, metrics so far, Flower run ids, first round to run)."""
+    metrics = [m for m in saved.metrics if m["round"] <= saved.round]
+    run.rewrite_metrics(metrics)
+    nodes = {str(n) for n in grid.get_node_ids()}
+    state = {k: v for k, v in saved.strategy.items() if k != "noise"}  # a new Flower run may plan new noise
+    strategy.restore(state, keep_nodes=bool(nodes & set(saved.strategy.get("node_names", {}))))
+    for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), saved.flower_runs):
+        log.info("resume: %s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
+    # Records written after the checkpoint (a round cut short) stay: continue after them.
+    first_round = max([saved.round] + [r["round"] for r in ledger.records]) + 1
+    print(f"Resuming {run.path} after round {first_round - 1}.", flush=True)
+    return ArrayRecord(saved.weights), metrics, saved.flower_runs + [context.run_id], first_round
+
+
 def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: StopFlag) -> None:
     dataset, test_x, test_y = central_test_set(config)
     keras.utils.set_random_seed(config.seed)
@@ -175,17 +191,7 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
     flower_runs, metrics, first_round = [context.run_id], [], 1
     arrays = ArrayRecord(model.get_weights())
     if saved is not None:
-        arrays = ArrayRecord(saved.weights)
-        metrics = [m for m in saved.metrics if m["round"] <= saved.round]
-        run.rewrite_metrics(metrics)
-        flower_runs = saved.flower_runs + [context.run_id]
-        nodes = {str(n) for n in grid.get_node_ids()}
-        state = {k: v for k, v in saved.strategy.items() if k != "noise"}  # a new Flower run may plan new noise
-        strategy.restore(state, keep_nodes=bool(nodes & set(saved.strategy.get("node_names", {}))))
-        for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), saved.flower_runs):
-            log.info("resume: %s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
-        first_round = max([saved.round] + [r["round"] for r in ledger.records]) + 1
-        print(f"Resuming {run.path} after round {first_round - 1}.", flush=True)
+        arrays, metrics, flower_runs, first_round = _restore(saved, run, ledger, strategy, grid, config, context)
     train_config = ConfigRecord({
         "batch_size": config.train.batch_size,
         "local_epochs": config.train.local_epochs,
