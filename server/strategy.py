@@ -84,6 +84,7 @@ class PrivateFedAvg(FedAvg):
         self.min_hospitals = min_hospitals
         self.reference: list[np.ndarray] = []  # the global weights sent this round
         self.sent_to: list[int] = []  # node ids asked to train this round
+        self.connected: set[int] | None = None  # node ids online when the round was configured
         self.round_evaluation: dict[str, dict] = {}  # per-hospital federated evaluation scores
         self.last_outcome = RoundOutcome()
         # Strategy state (checkpointed; see `state` / `restore`).
@@ -118,6 +119,7 @@ class PrivateFedAvg(FedAvg):
         """Ask every connected node (a share of them with fraction_train); never wait here."""
         self.reference = arrays.to_numpy_ndarrays()
         nodes = sorted(grid.get_node_ids())
+        self.connected = set(nodes)
         count = max(1, int(len(nodes) * self.fraction_train)) if nodes else 0
         self.sent_to = sorted(np.random.default_rng(server_round).choice(nodes, count, replace=False).tolist()) \
             if count < len(nodes) else nodes
@@ -172,6 +174,11 @@ class PrivateFedAvg(FedAvg):
                 continue
             outcome.trained.append(report.hospital)
             accepted.append((weights, min(report.num_examples, self.declared[report.hospital])))
+        for node, name in self.node_names.items():  # a known hospital whose node went away
+            if self.connected is not None and int(node) not in self.connected:
+                outcome.failed[name] = "timeout"
+                self._note_missing(int(node), server_round)
+                log.info("round %d: %s's node is not connected", server_round, name)
         for node in self.sent_to:
             if node not in seen_nodes:
                 outcome.failed[self.label(node)] = "timeout"
