@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
 from common.privacy import PrivacyEvent, epsilon, steps_for
@@ -85,6 +85,7 @@ class PrivateFedAvg(FedAvg):
         self.reference: list[np.ndarray] = []  # the global weights sent this round
         self.sent_to: list[int] = []  # node ids asked to train this round
         self.connected: set[int] | None = None  # node ids online when the round was configured
+        self.sent_messages: list[Message] = []
         self.round_evaluation: dict[str, dict] = {}  # per-hospital federated evaluation scores
         self.last_outcome = RoundOutcome()
         # Strategy state (checkpointed; see `state` / `restore`).
@@ -124,8 +125,11 @@ class PrivateFedAvg(FedAvg):
         self.sent_to = sorted(np.random.default_rng(server_round).choice(nodes, count, replace=False).tolist()) \
             if count < len(nodes) else nodes
         config["server-round"] = server_round
-        return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}),
-                                        self.sent_to, MessageType.TRAIN)
+        # Kept: pushing gives each message its id, which the SuperLink's own error replies
+        # (a node that went away) name instead of the node.
+        self.sent_messages = list(self._construct_messages(
+            RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), self.sent_to, MessageType.TRAIN))
+        return self.sent_messages
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         if self.fraction_evaluate == 0.0:
@@ -143,7 +147,7 @@ class PrivateFedAvg(FedAvg):
         seen_nodes: set[int] = set()
         seen_names: set[str] = set()
         for msg in replies:
-            node = int(msg.metadata.src_node_id)
+            node = self._sender(msg)
             if node in seen_nodes or node not in self.sent_to:
                 self._reject(outcome, server_round, self.label(node), "a second or unrequested reply this round")
                 continue
@@ -191,6 +195,15 @@ class PrivateFedAvg(FedAvg):
             return None, MetricRecord({"hospitals-trained": len(accepted)})
         outcome.updated = True
         return ArrayRecord(self._aggregate(accepted)), MetricRecord({"hospitals-trained": len(accepted)})
+
+    def _sender(self, msg: Message) -> int:
+        """The node a reply speaks for: its source, or for the SuperLink's error replies the node asked."""
+        node = int(msg.metadata.src_node_id)
+        if node == SUPERLINK_NODE_ID:
+            for sent in self.sent_messages:
+                if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                    return int(sent.metadata.dst_node_id)
+        return node
 
     def _checked_privacy(self, msg: Message, node: int, seen_names: set[str]) -> PrivacyReport:
         """The reply's privacy record, consistent with everything known so far, or Rejected."""

@@ -281,3 +281,17 @@ def test_a_charge_lost_before_the_name_was_known_is_ledgered_with_the_prior_spen
     assert [(r["round"], r["status"]) for r in own] == [(1, "lost"), (2, "trained")]
     assert own[0]["prior_events"] == [e.to_dict() for e in PRIOR]
     assert own[1]["epsilon"] == pytest.approx(epsilon(PRIOR + fed.spent["hospital-0"], DELTA), rel=1e-9)
+
+
+def test_the_superlinks_error_reply_for_a_vanished_node_names_that_node(tmp_path):
+    """Flower's SuperLink answers for a node that went away, from its own node id (1)."""
+    fed = Federation(tmp_path)
+    fed.run([fed.honest(n) for n in NODES])
+    asked = fed.request("hospital-2")
+    asked.metadata.__dict__["_message_id"] = "m-42"  # set by the grid when it pushes the message
+    fed.strategy.sent_messages = [asked]
+    lost = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=asked)
+    lost.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    assert lost.metadata.reply_to_message_id == "m-42" and lost.metadata.src_node_id == SUPERLINK_NODE_ID
+    _, outcome = fed.run([fed.honest("hospital-0"), fed.honest("hospital-1"), lost])
+    assert outcome.failed == {"hospital-2": "timeout"} and not outcome.rejected, outcome
