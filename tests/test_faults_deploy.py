@@ -91,6 +91,7 @@ def test_deploy_a_supernode_killed_mid_run_never_hangs_the_run(tmp_path):
         status = json.loads((run_dir / "status.json").read_text())
         assert status["state"] == "finished" and status["rounds_completed"] == 4, status
         assert status["failed_hospitals"] == ["h3"] and status["exit_code"] == 1, status
+        assert status["rejected_hospitals"] == [], status  # the SuperLink's error reply speaks for h3
         assert "h3 failed (timeout)" in log, log[-3000:]
         records = [json.loads(line) for line in (run_dir / "privacy_ledger.jsonl").read_text().splitlines()]
         for name in ("h1", "h2"):
