@@ -47,7 +47,7 @@ def test_deploy_a_supernode_killed_mid_run_never_hangs_the_run(tmp_path):
             _hospital_data(tmp_path / f"{name}.npz", order[index::3], images, digits.target)
         config = tmp_path / "faults.yaml"
         config.write_text("rounds: 4\nhospitals: 3\ndata:\n  source: digits\n"
-                          "train:\n  fraction_evaluate: 0\n  round_timeout: 90\n")
+                          "train:\n  fraction_evaluate: 0\n  round_timeout: 240\n")
 
         deployment.spawn("superlink", _superlink_argv(deployment, certs), namespace=coord_ns,
                          env=quiet_env({"FLWR_HOME": str(tmp_path / "home-superlink")}))
