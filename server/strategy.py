@@ -34,7 +34,7 @@ log = logging.getLogger("hospital_fl")
 
 EPSILON_REL_TOL = 1e-6  # the coordinator runs the same accountant: figures agree to ~1e-12
 TRIM_FRACTION = 0.2  # trimmed_mean drops this share of values at each end, per coordinate
-CATEGORIES = ("data", "budget", "odometer", "internal", "out of memory", "crash", "timeout")
+CATEGORIES = ("data", "budget", "settings", "odometer", "internal", "out of memory", "crash", "timeout")
 
 
 def failure_category(msg: Message) -> str:

@@ -212,6 +212,7 @@ def test_error_reply_categories():
         return Message(Error(code=code, reason=reason), reply_to=Message(RecordDict(), dst_node_id=5, message_type="train"))
 
     assert failure_category(reply(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "data")) == "data"
+    assert failure_category(reply(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "settings")) == "settings"
     assert failure_category(reply(ErrorCode.CLIENT_APP_CRASHED, "worker died")) == "crash"
     assert failure_category(reply(ErrorCode.NODE_UNAVAILABLE, "")) == "timeout"
     assert failure_category(reply(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "<class 'MemoryError'>")) == "out of memory"
