@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum in [0, 1): post-processing of noisy gradients, no privacy cost
     fraction_train: float = 1.0  # share of hospitals asked to train each round, in (0, 1]
     fraction_evaluate: float = 1.0  # share asked for federated evaluation each round, in [0, 1]
+    aggregator: str = "fedavg"  # fedavg (weighted by examples) | median | trimmed_mean (coordinate-wise, robust)
+    min_hospitals: int = 1  # fewer successful updates in a round leave the global model as it was
+    round_timeout: float = 600.0  # seconds to wait for replies in a round (and for hospitals before round 1)
 
 
 @dataclass
@@ -95,6 +99,7 @@ CHOICES = {
     "model.activation": ("tanh", "relu", "elu", "sigmoid"),
     "model.normalization": ("none", "group"),
     "model.head": ("flatten", "avgpool"),
+    "train.aggregator": ("fedavg", "median", "trimmed_mean"),
 }
 # (lowest, highest, lowest allowed itself?, highest allowed itself?)
 RANGES = {
@@ -111,6 +116,9 @@ RANGES = {
     "train.momentum": (0, 1, True, False),
     "train.fraction_train": (0, 1, False, True),
     "train.fraction_evaluate": (0, 1, True, True),
+    "train.min_hospitals": (1, None, True, None),
+    "train.round_timeout": (0, None, False, None),
+    "seed": (0, 2**32, True, False),  # NumPy and TensorFlow seeds are 32-bit
     "dp.l2_norm_clip": (0, None, False, None),
     "privacy.max_epsilon": (0, None, False, None),
     "privacy.delta": (0, 1, False, False),
@@ -214,6 +222,11 @@ def validate(config: Config) -> Config:
         raise UserError(f"config key 'model.builder' must look like package.module:function, got {config.model.builder!r}")
     if config.data.source != "digits" and not config.data.path:
         raise UserError(f"config key 'data.path' is required for data.source={config.data.source}: set it to the file or folder")
+    if Path(config.privacy.odometer_dir).exists() and not Path(config.privacy.odometer_dir).is_dir():
+        raise UserError(f"config key 'privacy.odometer_dir' names a file ({config.privacy.odometer_dir}): give a directory")
+    if config.simulation.cpus_per_client > (os.cpu_count() or 1):
+        raise UserError(f"config key 'simulation.cpus_per_client' is {config.simulation.cpus_per_client:g} but this "
+                        f"machine has {os.cpu_count() or 1} CPU cores: lower it")
     if isinstance(config.data.path, list) and len(config.data.path) != config.hospitals:
         raise UserError(
             f"config key 'data.path' lists {len(config.data.path)} paths but hospitals={config.hospitals}: give one path per hospital"
@@ -263,6 +276,19 @@ def parse_override(text: str) -> dict:
     return nested
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"config key '{key}' appears twice (line {key_node.start_mark.line + 1}): keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file's values, then each `key=value` override; validated."""
     config = Config()
@@ -271,7 +297,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise UserError(f"config file not found: {path} (pass an existing YAML file with --config)")
         try:
-            values = yaml.safe_load(path.read_text())
+            values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

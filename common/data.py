@@ -297,6 +297,16 @@ def _load_npz(path, image_size):
     if num_classes < 2:
         raise UserError(f"{path}: every label is 0, so there is only one class; a classifier "
                         "needs labels from at least two classes (0..K-1)")
+    # Checked before anything is sized by the label range (one stray 1e9 would allocate GiBs).
+    examples = sum(len(y) for _, y in prepared.values())
+    if num_classes > min(MAX_CLASSES, examples):
+        raise UserError(f"{path}: the largest label is {num_classes - 1}, more classes than "
+                        f"{'examples' if examples < MAX_CLASSES else f'the {MAX_CLASSES} supported'}; "
+                        "labels must be class indices 0..K-1")
+    present = np.unique(train_y)
+    if len(present) < 2:
+        raise UserError(f"{path}: every training label is {int(present[0])}; a classifier needs "
+                        "training examples of at least two classes")
     if image_size:
         native = train_x.shape[1:3]
         if native != (image_size, image_size):
@@ -359,6 +369,9 @@ def _npz_images(a, key, path):
         raise UserError(f"{path}: {key} has dtype {a.dtype}; store pixels as uint8 0..255 or "
                         "float in [0, 1]")
     return x, note
+
+
+MAX_CLASSES = 1000  # a label beyond this is a data error, not a task
 
 
 def _npz_labels(a, key, path):

@@ -7,19 +7,7 @@ metadata), q, steps per round, the planned sigma and the epsilon it leads to.
 """
 from __future__ import annotations
 
-import time
-
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-
-
-def wait_for_hospitals(grid, wanted: int, timeout: float, poll: float = 1.0) -> list[int]:
-    """Node ids once `wanted` hospitals are connected, or whatever is there after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= wanted or time.monotonic() >= deadline:
-            return nodes
-        time.sleep(poll)
 
 
 def ask_plans(grid, node_ids: list[int], train_config: ConfigRecord, timeout: float | None) -> dict[str, dict]:

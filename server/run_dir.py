@@ -1,7 +1,9 @@
-"""One run directory: resolved config, per-round metrics, privacy ledger, final model, plots."""
+"""One run directory: resolved config, per-round metrics, privacy ledger, final model, plots,
+the coordinator's log, rejected replies, checkpoints and the run's outcome (status.json)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,6 +23,11 @@ class RunDirectory:
         self.model = self.path / "model.keras"
         self.accuracy_plot = self.path / "accuracy.png"
         self.epsilon_plot = self.path / "epsilon.png"
+        self.log = self.path / "run.log"  # failure details: never on the terminal
+        self.rejected = self.path / "rejected.jsonl"  # replies refused before the ledger, with the reason
+        self.status = self.path / "status.json"  # the run's outcome (README: "When things fail")
+        self.checkpoint = self.path / "checkpoint"
+        self.stop_request = self.path / "STOP"  # created by anyone who wants the run to stop after this round
 
     @classmethod
     def create(cls, path: str | Path | None) -> "RunDirectory":
@@ -32,6 +39,23 @@ class RunDirectory:
             raise UserError(f"run directory {path} already exists and is not empty: choose another --out")
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
+
+    @classmethod
+    def resume(cls, path: str | Path) -> "RunDirectory":
+        """An existing run directory to continue; it must hold a checkpoint."""
+        run = cls(path)
+        if not (run.checkpoint / "state.json").is_file():
+            raise UserError(f"cannot resume {run.path}: it holds no checkpoint (checkpoint/state.json); "
+                            "pass the run directory of an earlier run")
+        return run
+
+    def write_status(self, status: dict) -> None:
+        """status.json, replaced atomically (readers never see half a file)."""
+        write_atomic(self.status, json.dumps(status, indent=2).encode())
+
+    def rewrite_metrics(self, records: list[dict]) -> None:
+        """metrics.jsonl as exactly `records` (on resume: drop rounds after the checkpoint)."""
+        write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def write_config(self, resolved: dict) -> None:
         self.config.write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -82,3 +106,13 @@ class RunDirectory:
         figure.tight_layout()
         figure.savefig(self.epsilon_plot, dpi=120)
         plt.close(figure)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -1,55 +1,201 @@
-"""Flower ServerApp: the coordinator's round loop with privacy reporting and an early stop.
+"""Flower ServerApp: the coordinator's round loop with privacy reporting, named failures,
+checkpoints, a graceful stop and resume.
 
-Each round: send the global weights and the round's training settings, FedAvg the replies
-of hospitals that trained, append every hospital's privacy record to the ledger, evaluate
-(federated on hospitals' held-out splits and centrally on the test set), print the round's
-line, and stop when no hospital can afford another round.
+Each round: send the global weights and the round's training settings to the connected
+hospitals, validate every reply (server/strategy.py), aggregate those that trained, append
+every accepted privacy record to the ledger, evaluate (federated on hospitals' held-out
+splits and centrally on the test set), print the round's line (naming hospitals that failed
+or were rejected), checkpoint, and stop when no hospital can train any more or a stop was
+asked for (`<run-dir>/STOP`, SIGINT, SIGTERM). `status.json` tells how the run ended.
 """
 import json
+import logging
+import signal
+import threading
 import time
+import traceback
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import from_run_config, to_dict
+from common.config import from_dict, from_run_config, to_dict
+from common.errors import UserError
 from common.federation import central_test_set
 from common.metrics import evaluate_model
 from common.model import make_model
 from common.tf_setup import keras
+from server import checkpoint
 from server.ledger import PrivacyLedger
-from server.plan import ask_plans, plan_lines, wait_for_hospitals
+from server.plan import ask_plans, plan_lines
+from server.replies import RoundPlan
 from server.report import round_line, summary_lines
 from server.report_md import write_report
 from server.run_dir import RunDirectory
 from server.simulated import simulated_hospitals
-from server.strategy import PrivateFedAvg
+from server.strategy import PrivateFedAvg, RoundOutcome
 
 app = ServerApp()
+log = logging.getLogger("hospital_fl")
 
-HOSPITAL_WAIT_SECONDS = 600  # how long to wait for the configured hospitals before round 1
+EXIT_FINISHED, EXIT_WITH_PROBLEMS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+POLL_SECONDS = 1.0
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (where this process receives them) or by the file <run-dir>/STOP."""
+
+    def __init__(self, stop_file: Path):
+        self.stop_file = stop_file
+        self.signalled = threading.Event()
+        self.previous = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers (in simulation the process's owner does)
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self.previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, frame) -> None:
+        if self.signalled.is_set():  # a second Ctrl-C: stop now
+            signal.signal(number, self.previous.get(number, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signalled.set()
+
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def requested(self) -> bool:
+        return self.signalled.is_set() or self.stop_file.exists()
+
+
+class _EngineErrorsToLog(logging.Filter):
+    """Keep ClientApp failures that Flower's simulation engine logs (tracebacks) off the terminal."""
+
+    def __init__(self, file_handler: logging.Handler):
+        super().__init__()
+        self.file_handler = file_handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace("\\", "/")
+        if record.levelno >= logging.ERROR and ("/fleet/vce/" in path or "/ray_transport/" in path):
+            self.file_handler.handle(record)
+            return False
+        return True
+
+
+def _open_log(run: RunDirectory):
+    """Details of failures and rejections go to run.log, one place, not to the terminal."""
+    handler = logging.FileHandler(run.log, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    engine_filter = _EngineErrorsToLog(handler)
+    for flower_handler in logging.getLogger("flwr").handlers:
+        flower_handler.addFilter(engine_filter)
+
+    def close():
+        for flower_handler in logging.getLogger("flwr").handlers:
+            flower_handler.removeFilter(engine_filter)
+        log.removeHandler(handler)
+        handler.close()
+    return close
+
+
+def _open_run(context: Context, simulated: int):
+    """(config, run directory, checkpoint or None): a new run, or `resume-dir` continued."""
+    resume = str(context.run_config.get("resume-dir", "") or "")
+    if resume:
+        run = RunDirectory.resume(resume)
+        import yaml  # noqa: PLC0415 - only a resume reads the saved config back
+
+        config = from_dict(yaml.safe_load(run.config.read_text()))  # the run's own settings, not new ones
+        run.stop_request.unlink(missing_ok=True)  # the stop that ended it has been honoured
+        return config, run, checkpoint.load(run.checkpoint)
+    config = from_run_config(context.run_config, simulated)
+    run = RunDirectory.create(context.run_config.get("run-dir", ""))
+    run.write_config(to_dict(config))
+    return config, run, None
+
+
+def _wait_for_hospitals(grid: Grid, want: int, minimum: int, timeout: float, stop: StopFlag) -> list[int]:
+    """Connected node ids once `want` are there, or after `timeout` s if at least `minimum` are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= want or stop.requested():
+            return nodes
+        if time.monotonic() >= deadline:
+            return nodes if len(nodes) >= minimum else []
+        time.sleep(POLL_SECONDS)
+
+
+def _outcome_text(outcome: RoundOutcome, updated: bool) -> str:
+    """' | hospital-3 failed (out of memory) | hospital-1 rejected (...)' for the round line."""
+    parts = [f"{label} failed ({category})" for label, category in sorted(outcome.failed.items())]
+    parts += [f"{label} rejected ({reason})" for label, reason in sorted(outcome.rejected.items())]
+    if not updated and outcome.averaged:
+        parts.append(f"model not updated ({outcome.averaged} update(s), fewer than train.min_hospitals)")
+    return "".join(f" | {part}" for part in parts)
+
+
+def _status(state: str, rounds: int, strategy: PrivateFedAvg, reason: str, exit_code: int | None = None) -> dict:
+    failed, rejected = sorted(strategy.failed), sorted(strategy.rejected)
+    if exit_code is None:
+        exit_code = EXIT_WITH_PROBLEMS if failed or rejected else EXIT_FINISHED
+    return {"state": state, "rounds_completed": rounds, "failed_hospitals": failed,
+            "rejected_hospitals": rejected, "exit_code": exit_code, "reason": reason}
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the configured rounds and write the run directory."""
+    """Run the configured rounds and write the run directory; status.json tells how it ended."""
     simulated = simulated_hospitals(grid)  # 0 in a deployment
-    config = from_run_config(context.run_config, simulated)
-    run = RunDirectory.create(context.run_config.get("run-dir", ""))
-    run.write_config(to_dict(config))
-    dataset, test_x, test_y = central_test_set(config)
+    config, run, saved = _open_run(context, simulated)
+    close_log = _open_log(run)
+    stop = StopFlag(run.stop_request)
+    stop.install()
+    try:
+        _run(grid, context, config, run, saved, stop, simulated)
+    finally:
+        stop.restore()
+        close_log()
 
+
+def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateFedAvg, grid: Grid, config,
+             context: Context):
+    """Continue from a checkpoint: (global arrays, metrics so far, Flower run ids, first round to run)."""
+    metrics = [m for m in saved.metrics if m["round"] <= saved.round]
+    run.rewrite_metrics(metrics)
+    nodes = {str(n) for n in grid.get_node_ids()}
+    state = {k: v for k, v in saved.strategy.items() if k != "noise"}  # a new Flower run may plan new noise
+    strategy.restore(state, keep_nodes=bool(nodes & set(saved.strategy.get("node_names", {}))))
+    for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), saved.flower_runs):
+        log.info("resume: %s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
+    # Records written after the checkpoint (a round cut short) stay: continue after them.
+    first_round = max([saved.round] + [r["round"] for r in ledger.records]) + 1
+    print(f"Resuming {run.path} after round {first_round - 1}.", flush=True)
+    return ArrayRecord(saved.weights), metrics, saved.flower_runs + [context.run_id], first_round
+
+
+def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: StopFlag, simulated: int) -> None:
+    dataset, test_x, test_y = central_test_set(config)
     keras.utils.set_random_seed(config.seed)
     model = make_model(config.model, dataset.input_shape, dataset.num_classes)
-    arrays = ArrayRecord(model.get_weights())
     ledger = PrivacyLedger(run.ledger)
+    plan = RoundPlan(config.train.batch_size, config.train.local_epochs, config.train.learning_rate,
+                     config.train.momentum, config.dp.l2_norm_clip)
     strategy = PrivateFedAvg(
-        ledger,
-        fraction_train=config.train.fraction_train,
-        fraction_evaluate=config.train.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1 if config.train.fraction_evaluate > 0 else 0,
-        min_available_nodes=config.hospitals,
+        ledger, plan, run.rejected, aggregator=config.train.aggregator, min_hospitals=config.train.min_hospitals,
+        fraction_train=config.train.fraction_train, fraction_evaluate=config.train.fraction_evaluate,
+        min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=1,
     )
+    flower_runs, metrics, first_round = [context.run_id], [], 1
+    arrays = ArrayRecord(model.get_weights())
+    if saved is not None:
+        arrays, metrics, flower_runs, first_round = _restore(saved, run, ledger, strategy, grid, config, context)
     train_config = ConfigRecord({
         "batch_size": config.train.batch_size,
         "local_epochs": config.train.local_epochs,
@@ -59,44 +205,123 @@ def main(grid: Grid, context: Context) -> None:
         "noise_multiplier": config.dp.noise_multiplier,  # a number, or "auto": each hospital plans its own
         "planned_rounds": config.rounds,
     })
+    completed = first_round - 1
+
+    def save_checkpoint(round_number: int) -> None:
+        checkpoint.save(run.checkpoint, checkpoint.Checkpoint(round_number, arrays.to_numpy_ndarrays(),
+                                                              strategy.state(), metrics, flower_runs))
+
+    run.write_status(_status("running", completed, strategy, "the run has not finished", exit_code=EXIT_WITH_PROBLEMS))
+    save_checkpoint(completed)
     print(f"Run directory: {run.path}", flush=True)
-    print("Asking the hospitals for their privacy plans (each loads its data and plans its noise) ...", flush=True)
-    nodes = wait_for_hospitals(grid, config.hospitals, timeout=HOSPITAL_WAIT_SECONDS)
-    plans = ask_plans(grid, nodes, train_config, timeout=HOSPITAL_WAIT_SECONDS)
-    (run.path / "plan.json").write_text(json.dumps(plans, indent=1, sort_keys=True))
-    for line in plan_lines(plans, config.rounds):
-        print(line, flush=True)
-    print(f"Round 1/{config.rounds} starts: the hospitals compile the DP-SGD step first ...", flush=True)
+    _show_plans(grid, config, run, train_config, first_round, stop)
     started = time.time()
-    for server_round in range(1, config.rounds + 1):
-        round_started = time.time()
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid))
-        new_arrays, train_summary = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
+    state, reason = "finished", f"all {config.rounds} rounds ran"
+    try:
+        for server_round in range(first_round, config.rounds + 1):
+            nodes = _wait_for_hospitals(grid, config.hospitals if server_round == first_round else config.train.min_hospitals,
+                                        config.train.min_hospitals, config.train.round_timeout, stop)
+            if stop.requested():
+                state, reason = "interrupted", f"stopped on request before round {server_round}"
+                break
+            if len(nodes) < config.train.min_hospitals:
+                state, reason = "failed", (f"only {len(nodes)} hospital(s) connected after waiting "
+                                           f"{config.train.round_timeout:g} s, fewer than train.min_hospitals")
+                print(f"Stopping before round {server_round}: {reason}.", flush=True)
+                break
+            round_started = time.time()
+            arrays, record, outcome = _train_round(grid, strategy, server_round, arrays, train_config, config,
+                                                   model, test_x, test_y)
+            record["seconds"] = round(time.time() - round_started, 3)
+            run.append_metrics(record)
+            metrics.append(record)
+            completed = server_round
+            save_checkpoint(server_round)
+            run.write_status(_status("running", completed, strategy, "the run has not finished",
+                                     exit_code=EXIT_WITH_PROBLEMS))
+            print(round_line(record, config.rounds, ledger.latest()) + _outcome_text(outcome, outcome.updated),
+                  flush=True)
+            if strategy.everyone_exhausted(config.hospitals) and server_round < config.rounds:
+                reason = "no hospital can afford another round"
+                print(f"Stopping after round {server_round}: {reason}.", flush=True)
+                break
+            if not outcome.trained and (outcome.failed or outcome.rejected):
+                reason = f"no hospital could train in round {server_round} (every one failed, was rejected or declined)"
+                print(f"Stopping after round {server_round}: {reason}; details in {run.log}.", flush=True)
+                break
+            if stop.requested():
+                state, reason = "interrupted", f"stopped on request after round {server_round}"
+                print(f"Stopping after round {server_round} as asked; resume with --resume {run.path}.", flush=True)
+                break
+    except KeyboardInterrupt:
+        state, reason = "interrupted", f"interrupted during round {completed + 1}"
+    except UserError as error:
+        run.write_status(_status("failed", completed, strategy, str(error), exit_code=EXIT_BAD_INPUT))
+        print(f"error: {error}", flush=True)
+        return
+    except Exception as error:  # noqa: BLE001 - recorded, then Flower sees the failure too
+        _record_failure(run, completed, strategy, error)
+        raise
+    try:
+        _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed)
+        write_report(run, config, simulated=bool(simulated))
+    except Exception as error:  # noqa: BLE001
+        _record_failure(run, completed, strategy, error)
+        raise
 
-        record = {"round": server_round}
-        model.set_weights(arrays.to_numpy_ndarrays())
-        record.update(evaluate_model(model, test_x, test_y))
-        if config.train.fraction_evaluate > 0:
-            federated = strategy.aggregate_evaluate(
-                server_round,
-                grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)),
-            )
-            if federated:
-                record.update({f"federated_{key}": value for key, value in federated.items()})
-                record["hospitals_evaluation"] = strategy.round_evaluation
-        record["hospitals_trained"] = int(train_summary["hospitals-trained"])
-        record["seconds"] = round(time.time() - round_started, 3)
-        run.append_metrics(record)
-        print(round_line(record, config.rounds, ledger.latest()), flush=True)
-        if strategy.everyone_exhausted(config.hospitals) and server_round < config.rounds:
-            print(f"Stopping after round {server_round}: no hospital can afford another round.", flush=True)
-            break
 
+def _show_plans(grid: Grid, config, run: RunDirectory, train_config: ConfigRecord, first_round: int,
+                stop: StopFlag) -> None:
+    """Before the first round: every hospital's privacy plan (public numbers), printed and in plan.json."""
+    print("Asking the hospitals for their privacy plans (each loads its data and plans its noise) ...", flush=True)
+    nodes = _wait_for_hospitals(grid, config.hospitals, config.train.min_hospitals, config.train.round_timeout, stop)
+    rounds_left = config.rounds - first_round + 1
+    query = ConfigRecord(dict(train_config) | {"planned_rounds": rounds_left})
+    plans = ask_plans(grid, nodes, query, timeout=config.train.round_timeout)
+    (run.path / "plan.json").write_text(json.dumps(plans, indent=1, sort_keys=True))
+    for line in plan_lines(plans, rounds_left):
+        print(line, flush=True)
+    print(f"Round {first_round}/{config.rounds} starts: the hospitals compile the DP-SGD step first ...", flush=True)
+
+
+def _record_failure(run: RunDirectory, completed: int, strategy: PrivateFedAvg, error: Exception) -> None:
+    log.error("the coordinator failed: %s", traceback.format_exc())
+    run.write_status(_status("failed", completed, strategy, f"the coordinator failed ({type(error).__name__}); "
+                             f"details in {run.log}"))
+
+
+def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed) -> None:
+    """Ledger lost charges (simulation), save the model and plots, print the summary, write status.json."""
+    for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), flower_runs):
+        log.info("%s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
     model.set_weights(arrays.to_numpy_ndarrays())
     model.save(run.model)
     run.plot(ledger.records)
     for line in summary_lines(run, ledger.latest(), strategy.exhausted(), strategy.declined_at, time.time() - started):
         print(line, flush=True)
-    write_report(run, config, simulated=bool(simulated))
+    named = sorted(strategy.failed) + sorted(strategy.rejected)
+    if named:
+        print(f"Hospitals that failed or were rejected: {', '.join(dict.fromkeys(named))} (details in {run.log}).",
+              flush=True)
+    exit_code = {"interrupted": EXIT_INTERRUPTED, "failed": EXIT_WITH_PROBLEMS}.get(state)
+    run.write_status(_status(state, completed, strategy, reason, exit_code))
+
+
+def _train_round(grid, strategy, server_round, arrays, train_config, config, model, test_x, test_y):
+    """One round: train, aggregate, evaluate. Returns (global arrays, metrics record, outcome)."""
+    timeout = config.train.round_timeout
+    replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
+    new_arrays, train_summary = strategy.aggregate_train(server_round, replies)
+    if new_arrays is not None:
+        arrays = new_arrays
+    record = {"round": server_round}
+    model.set_weights(arrays.to_numpy_ndarrays())
+    record.update(evaluate_model(model, test_x, test_y))
+    if config.train.fraction_evaluate > 0:
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        federated = strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+        if federated:
+            record.update({f"federated_{key}": value for key, value in federated.items()})
+            record["hospitals_evaluation"] = strategy.round_evaluation
+    record["hospitals_trained"] = int(train_summary["hospitals-trained"])
+    return arrays, record, strategy.last_outcome

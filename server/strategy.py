@@ -1,115 +1,348 @@
-"""FedAvg that checks every reply, keeps the privacy ledger and knows when budgets are spent."""
+"""FedAvg that validates every reply before it changes anything, keeps the privacy ledger and
+knows who failed, who was rejected and who can still train.
+
+Order of business for each training reply (validate before you mutate):
+1. a Flower-level error becomes a named failure with a category (`failure_category`);
+2. the privacy record is read completely (server/replies.py) and checked against what this
+   coordinator knows: the node's bound name, the hospital's declared example count, its
+   noise multiplier, delta and budget, and the epsilon recomputed from its events;
+3. only then is the record appended to the ledger, and the update checked (shapes, finite
+   values, distance from the global model) before it may be averaged.
+A reply that fails step 2 is rejected: written to `rejected.jsonl`, named in the round's
+line, and kept out of the ledger (its privacy record cannot be trusted).
+"""
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-from flwr.app import Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from common.privacy import PrivacyEvent, epsilon, steps_for
 from server.ledger import PrivacyLedger
+from server.replies import (PrivacyReport, Rejected, RoundPlan, distance, read_privacy, read_weights,
+                            update_bound)
 
 log = logging.getLogger("hospital_fl")
 
+EPSILON_REL_TOL = 1e-6  # the coordinator runs the same accountant: figures agree to ~1e-12
+TRIM_FRACTION = 0.2  # trimmed_mean drops this share of values at each end, per coordinate
+CATEGORIES = ("data", "budget", "settings", "odometer", "internal", "out of memory", "crash", "timeout")
 
-def reply_problem(content, reference: list[np.ndarray]) -> str | None:
-    """Why a training reply cannot be averaged (shapes, dtypes, finite values), or None."""
-    if "arrays" not in content or "metrics" not in content:
-        return "reply lacks weights or metrics"
-    arrays = content["arrays"].to_numpy_ndarrays()
-    if len(arrays) != len(reference):
-        return f"{len(arrays)} weight tensors instead of {len(reference)}"
-    for index, (got, want) in enumerate(zip(arrays, reference)):
-        if got.shape != want.shape or got.dtype != want.dtype:
-            return f"tensor {index} is {got.dtype}{got.shape}, expected {want.dtype}{want.shape}"
-        if not np.all(np.isfinite(got)):
-            return f"tensor {index} has non-finite values"
-    examples = content["metrics"].get("num-examples", 0)
-    if not examples or examples <= 0:
-        return "num-examples must be positive"
-    return None
+
+def failure_category(msg: Message) -> str:
+    """A fixed category for a failed reply; the reason text itself goes to run.log only."""
+    reason = (msg.error.reason or "").strip()
+    if reason.lower() in CATEGORIES:  # a ClientApp that reports its own category
+        return reason.lower()
+    lowered = reason.lower()
+    if any(word in lowered for word in ("memoryerror", "out of memory", "resourceexhausted", "oom")):
+        return "out of memory"
+    if msg.error.code == ErrorCode.CLIENT_APP_CRASHED:
+        return "crash"
+    if msg.error.code in (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                          ErrorCode.MESSAGE_UNAVAILABLE):
+        return "timeout"
+    if "odometer" in lowered:
+        return "odometer"
+    if "budget" in lowered:
+        return "budget"
+    if "usererror" in lowered or "data" in lowered:
+        return "data"
+    return "internal"
+
+
+@dataclass
+class RoundOutcome:
+    """Who trained, failed or was rejected in one round (labels are names or `node <id>`)."""
+
+    trained: list[str] = field(default_factory=list)
+    declined: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # label -> category
+    rejected: dict[str, str] = field(default_factory=dict)  # label -> reason
+    averaged: int = 0
+    updated: bool = False
 
 
 class PrivateFedAvg(FedAvg):
-    """FedAvg weighted by examples; replies that declined (budget spent) are recorded, not averaged."""
+    """FedAvg (or a robust aggregate) over validated updates; every accepted privacy record ledgered."""
 
-    def __init__(self, ledger: PrivacyLedger, **kwargs):
+    def __init__(self, ledger: PrivacyLedger, plan: RoundPlan, rejected_path: str | Path,
+                 aggregator: str = "fedavg", min_hospitals: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.ledger = ledger
+        self.plan = plan
+        self.rejected_path = Path(rejected_path)
+        self.aggregator = aggregator
+        self.min_hospitals = min_hospitals
         self.reference: list[np.ndarray] = []  # the global weights sent this round
+        self.sent_to: list[int] = []  # node ids asked to train this round
+        self.connected: set[int] | None = None  # node ids online when the round was configured
+        self.sent_messages: list[Message] = []
+        self.round_evaluation: dict[str, dict] = {}  # per-hospital federated evaluation scores
+        self.last_outcome = RoundOutcome()
+        # Strategy state (checkpointed; see `state` / `restore`).
         self.can_train: dict[str, bool] = {}  # each hospital's last word on its budget
         self.declined_at: dict[str, float] = {}  # epsilon a declined round would have reached
-        self.round_evaluation: dict[str, dict] = {}  # per-hospital federated evaluation scores
+        self.node_names: dict[str, str] = {}  # Flower node id -> the first name it used
+        self.declared: dict[str, int] = {}  # hospital -> num-examples of its first reply this run
+        self.noise: dict[str, float] = {}  # hospital -> noise multiplier of its first reply this run
+        self.unledgered: dict[str, list[int]] = {}  # hospital -> rounds it was asked but left no record
+        self.failed: dict[str, str] = {}  # label -> last failure category
+        self.rejected: dict[str, str] = {}  # label -> last rejection reason
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict:
+        return {name: getattr(self, name) for name in
+                ("can_train", "declined_at", "node_names", "declared", "noise", "unledgered", "failed", "rejected")}
+
+    def restore(self, state: dict, keep_nodes: bool) -> None:
+        """Continue from a checkpoint; node bindings only where node ids survive (deployment)."""
+        for name, value in state.items():
+            if name == "node_names" and not keep_nodes:
+                continue
+            setattr(self, name, value)
+
+    def label(self, node_id: int) -> str:
+        return self.node_names.get(str(node_id), f"node {node_id}")
+
+    # ------------------------------------------------------------------ sending
 
     def configure_train(self, server_round, arrays, config, grid):
+        """Ask every connected node (a share of them with fraction_train); never wait here."""
         self.reference = arrays.to_numpy_ndarrays()
-        return super().configure_train(server_round, arrays, config, grid)
+        nodes = sorted(grid.get_node_ids())
+        self.connected = set(nodes)
+        count = max(1, int(len(nodes) * self.fraction_train)) if nodes else 0
+        self.sent_to = sorted(np.random.default_rng(server_round).choice(nodes, count, replace=False).tolist()) \
+            if count < len(nodes) else nodes
+        config["server-round"] = server_round
+        # Kept: pushing gives each message its id, which the SuperLink's own error replies
+        # (a node that went away) name instead of the node.
+        self.sent_messages = list(self._construct_messages(
+            RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), self.sent_to, MessageType.TRAIN))
+        return self.sent_messages
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = sorted(grid.get_node_ids())
+        config["server-round"] = server_round
+        return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}),
+                                        nodes, MessageType.EVALUATE)
+
+    # ------------------------------------------------------------------ receiving
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        averaged, rejected = [], []
+        outcome = RoundOutcome()
+        accepted: list[tuple[list[np.ndarray], int]] = []
+        seen_nodes: set[int] = set()
+        seen_names: set[str] = set()
         for msg in replies:
+            node = self._sender(msg)
+            if node in seen_nodes or node not in self.sent_to:
+                self._reject(outcome, server_round, self.label(node), "a second or unrequested reply this round")
+                continue
+            seen_nodes.add(node)
             if msg.has_error():
-                log.warning("round %d: a hospital failed: %s", server_round, msg.error.reason)
+                category = failure_category(msg)
+                outcome.failed[self.label(node)] = category
+                self._note_missing(node, server_round)
+                log.info("round %d: %s failed (%s): code %s, %s", server_round, self.label(node), category,
+                         msg.error.code, msg.error.reason)
                 continue
-            content = msg.content
-            if "privacy" not in content or "metrics" not in content:
-                rejected.append("reply without a privacy record")
+            try:
+                report = self._checked_privacy(msg, node, seen_names)
+            except Rejected as why:
+                self._reject(outcome, server_round, self.label(node), str(why))
+                self._note_missing(node, server_round)
                 continue
-            metrics, privacy = content["metrics"], content["privacy"]
-            hospital = str(privacy["hospital"])
-            trained = privacy["status"] == "trained"
-            self._record(server_round, hospital, metrics, privacy)
-            self.can_train[hospital] = bool(metrics["can-train-again"])
-            if not trained:
-                self.declined_at[hospital] = float(metrics["epsilon-needed"])
+            seen_names.add(report.hospital)
+            self._commit(server_round, node, report)
+            if report.status != "trained":
+                outcome.declined.append(report.hospital)
                 continue
-            problem = reply_problem(content, self.reference)
-            if problem:
-                rejected.append(f"{hospital}: {problem}")
+            try:
+                weights = read_weights(msg.content, self.reference)
+                self._check_distance(report, weights)
+            except Rejected as why:
+                self._reject(outcome, server_round, report.hospital, str(why))
                 continue
-            averaged.append(content)
-        for reason in rejected:
-            log.warning("round %d: reply rejected, not averaged: %s", server_round, reason)
-        if not averaged:
-            return None, MetricRecord({"hospitals-trained": 0})
-        arrays = aggregate_arrayrecords(averaged, self.weighted_by_key)
-        return arrays, MetricRecord({"hospitals-trained": len(averaged)})
+            outcome.trained.append(report.hospital)
+            accepted.append((weights, min(report.num_examples, self.declared[report.hospital])))
+        for node, name in self.node_names.items():  # a known hospital whose node went away
+            if self.connected is not None and int(node) not in self.connected:
+                outcome.failed[name] = "timeout"
+                self._note_missing(int(node), server_round)
+                log.info("round %d: %s's node is not connected", server_round, name)
+        for node in self.sent_to:
+            if node not in seen_nodes:
+                outcome.failed[self.label(node)] = "timeout"
+                self._note_missing(node, server_round)
+                log.info("round %d: %s sent no reply within the round's timeout", server_round, self.label(node))
+        self.failed.update(outcome.failed)
+        self.last_outcome = outcome
+        outcome.averaged = len(accepted)
+        if len(accepted) < max(1, self.min_hospitals):
+            return None, MetricRecord({"hospitals-trained": len(accepted)})
+        outcome.updated = True
+        return ArrayRecord(self._aggregate(accepted)), MetricRecord({"hospitals-trained": len(accepted)})
 
-    def _record(self, server_round, hospital, metrics, privacy) -> None:
-        self.ledger.append(
-            {
-                "round": server_round,
-                "hospital": hospital,
-                "status": str(privacy["status"]),
-                "noise_multiplier": float(metrics["noise-multiplier"]),
-                "sampling_rate": float(metrics["sampling-rate"]),
-                "steps": int(metrics["steps"]),
-                "sampling": str(privacy["sampling"]),
-                "epsilon": float(metrics["epsilon"]),
-                "delta": float(metrics["delta"]),
-                "max_epsilon": float(metrics["max-epsilon"]),
-                "accountant": str(privacy["accountant"]),
-                "num_examples": int(metrics["num-examples"]),
-            },
-            prior_events=json.loads(str(privacy["prior-events"])),
-        )
+    def _sender(self, msg: Message) -> int:
+        """The node a reply speaks for: its source, or for the SuperLink's error replies the node asked."""
+        node = int(msg.metadata.src_node_id)
+        if node == SUPERLINK_NODE_ID:
+            for sent in self.sent_messages:
+                if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                    return int(sent.metadata.dst_node_id)
+        return node
+
+    def _checked_privacy(self, msg: Message, node: int, seen_names: set[str]) -> PrivacyReport:
+        """The reply's privacy record, consistent with everything known so far, or Rejected."""
+        report = read_privacy(msg.content, self.plan)
+        name = report.hospital
+        bound = self.node_names.get(str(node))
+        if bound is not None and bound != name:
+            raise Rejected(f"node {node} is {bound}; it may not reply as another hospital")
+        owner = next((n for n, h in self.node_names.items() if h == name), None)
+        if owner is not None and owner != str(node):
+            raise Rejected(f"the name {name} belongs to another node")
+        if name in seen_names:
+            raise Rejected(f"a second reply as {name} this round")
+        declared = self.declared.get(name)
+        if declared is not None and report.num_examples > declared:
+            raise Rejected(f"'num-examples' {report.num_examples} exceeds the {declared} it declared first")
+        sigma = self.noise.get(name)
+        if sigma is not None and report.event.noise_multiplier != sigma:
+            raise Rejected(f"'noise-multiplier' changed from {sigma:g} to {report.event.noise_multiplier:g} within a run")
+        first = self.ledger.first(name)
+        if first is not None:
+            for key, value in (("delta", report.delta), ("max_epsilon", report.max_epsilon)):
+                if value != first[key]:
+                    raise Rejected(f"'{key.replace('_', '-')}' changed from {first[key]:g} to {value:g}")
+        self._check_epsilon(report, self._missing_rounds(name, node))
+        return report
+
+    def _history(self, report: PrivacyReport) -> list[PrivacyEvent]:
+        """Everything the ledger holds for this hospital (or the reply's prior events, if new)."""
+        first = self.ledger.first(report.hospital)
+        if first is None:
+            return list(report.prior_events)
+        prior = [PrivacyEvent.from_dict(e) for e in first.get("prior_events", [])]
+        return prior + [PrivacyEvent.from_dict(r) for r in self.ledger.records
+                        if r["hospital"] == report.hospital and r["steps"] > 0]
+
+    def _missing_rounds(self, name: str, node: int) -> list[int]:
+        """Rounds this hospital (or its node, before its name was known) left without a record."""
+        return sorted(self.unledgered.get(name, []) + self.unledgered.get(f"node {node}", []))
+
+    def _check_epsilon(self, report: PrivacyReport, missing: list[int]) -> None:
+        """Recompute the reply's epsilon; a lower claim is forged, a higher one must be explained."""
+        history = self._history(report)
+        expected = epsilon(history + [report.event], report.delta)
+        if _close(report.epsilon, expected):
+            self._lost = 0
+            return
+        if report.epsilon < expected:
+            raise Rejected(f"'epsilon' {report.epsilon:.6g} is below {expected:.6g} recomputed from its events")
+        # More spend than the ledger knows: charges of rounds whose replies failed or were
+        # rejected. Each was one round of the same mechanism; find how many explain it.
+        round_event = PrivacyEvent(report.event.noise_multiplier, report.event.sampling_rate,
+                                   steps_for(self.plan.local_epochs, report.event.sampling_rate))
+        for lost in range(1, len(missing) + 1):
+            if _close(report.epsilon, epsilon(history + [round_event] * lost + [report.event], report.delta)):
+                self._lost = lost
+                return
+        raise Rejected(f"'epsilon' {report.epsilon:.6g} does not recompute from its events ({expected:.6g})")
+
+    def _commit(self, server_round: int, node: int, report: PrivacyReport) -> None:
+        """The reply passed: bind its name, then ledger any lost rounds and this record."""
+        name = report.hospital
+        self.node_names.setdefault(str(node), name)
+        self.declared.setdefault(name, report.num_examples)
+        self.noise.setdefault(name, report.event.noise_multiplier)
+        missing = self._missing_rounds(name, node)
+        self.unledgered.pop(name, None)
+        self.unledgered.pop(f"node {node}", None)
+        prior = [e.to_dict() for e in report.prior_events]  # kept on the hospital's first record only
+        if self._lost:
+            history = self._history(report)
+            round_event = PrivacyEvent(report.event.noise_multiplier, report.event.sampling_rate,
+                                       steps_for(self.plan.local_epochs, report.event.sampling_rate))
+            for lost_round in missing[-self._lost:]:
+                history.append(round_event)
+                self.ledger.append(report.ledger_record(lost_round, "lost", epsilon(history, report.delta),
+                                                        round_event), prior_events=prior)
+                log.info("round %d: %s's reply was lost but its charge stands: ledgered as lost", lost_round, name)
+        self.ledger.append(report.ledger_record(server_round), prior_events=prior)
+        self.can_train[name] = report.can_train_again
+        if report.status != "trained":
+            self.declined_at[name] = report.epsilon_needed
+        self._lost = 0
+
+    _lost = 0  # rounds of lost charges found by the last `_check_epsilon`
+
+    def _check_distance(self, report: PrivacyReport, weights: list[np.ndarray]) -> None:
+        parameters = sum(w.size for w in weights)
+        bound = update_bound(self.plan, report.event.noise_multiplier, report.event.sampling_rate,
+                             report.num_examples, report.event.steps, parameters)
+        moved = distance(weights, self.reference)
+        if not moved <= bound:
+            raise Rejected(f"update moved the weights {moved:.3g}, more than an honest round can ({bound:.3g})")
+
+    def _note_missing(self, node: int, server_round: int) -> None:
+        """A round that may have been charged but left no ledger record (kept by name, or by node)."""
+        self.unledgered.setdefault(self.label(node), []).append(server_round)
+
+    def _reject(self, outcome: RoundOutcome, server_round: int, label: str, reason: str) -> None:
+        outcome.rejected[label] = reason
+        self.rejected[label] = reason
+        with open(self.rejected_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"round": server_round, "hospital": label, "reason": reason}) + "\n")
+        log.info("round %d: %s rejected: %s", server_round, label, reason)
+
+    def _aggregate(self, accepted: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
+        """FedAvg weighted by (capped) examples, or an unweighted coordinate-wise robust aggregate."""
+        layers = list(zip(*(weights for weights, _ in accepted)))
+        if self.aggregator == "median":
+            return [np.median(np.stack(layer), axis=0).astype(layer[0].dtype) for layer in layers]
+        if self.aggregator == "trimmed_mean":
+            cut = int(len(accepted) * TRIM_FRACTION)
+            out = []
+            for layer in layers:
+                ordered = np.sort(np.stack(layer), axis=0)
+                out.append(ordered[cut:len(accepted) - cut].mean(axis=0).astype(layer[0].dtype))
+            return out
+        total = float(sum(examples for _, examples in accepted))
+        return [sum(w.astype(np.float64) * (examples / total) for w, (_, examples) in zip(layer, accepted))
+                .astype(layer[0].dtype) for layer in layers]
+
+    # ------------------------------------------------------------------ evaluation and status
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean of each score over the hospitals that evaluated."""
+        """Example-weighted mean of each score over the bound hospitals that evaluated."""
         self.round_evaluation = {}
         for msg in replies:
-            if msg.has_error() or "metrics" not in msg.content:
+            name = self.node_names.get(str(msg.metadata.src_node_id))
+            if name is None or msg.has_error() or "metrics" not in msg.content:
                 continue
-            metrics = dict(msg.content["metrics"])
-            if metrics.get("num-examples", 0) > 0:
-                self.round_evaluation[str(msg.content["privacy"]["hospital"])] = metrics
+            metrics = {k: v for k, v in dict(msg.content["metrics"]).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if metrics.get("num-examples", 0) > 0 and name not in self.round_evaluation:
+                metrics["num-examples"] = min(int(metrics["num-examples"]), 10**9)
+                self.round_evaluation[name] = metrics
         if not self.round_evaluation:
             return None
         summary = {}
-        for key in ("loss", "accuracy", "auc"):
+        for key in ("loss", "accuracy", "balanced_accuracy", "auc"):
             scored = [m for m in self.round_evaluation.values() if key in m]
             weight = sum(m["num-examples"] for m in scored)
             if weight:
@@ -123,3 +356,7 @@ class PrivateFedAvg(FedAvg):
     def everyone_exhausted(self, num_hospitals: int) -> bool:
         """True once every hospital has said it cannot afford another round."""
         return len(self.can_train) >= num_hospitals and not any(self.can_train.values())
+
+
+def _close(reported: float, expected: float) -> bool:
+    return math.isclose(reported, expected, rel_tol=EPSILON_REL_TOL, abs_tol=1e-9)

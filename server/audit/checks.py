@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from server.audit.accounting import History, _compute_all, _dp_accounting_version, reference_epsilons
-from server.audit.reading import (MAX_STEPS, RunContext, _hospital_key, _is_int, _is_number, _mechanism_problems,
+from server.audit.reading import (CHARGED, MAX_STEPS, RunContext, _hospital_key, _is_int, _is_number, _mechanism_problems,
                                   _missing, _record_problems, _valid_delta, odometer_chain_problems)
 
 ACCOUNTANTS = ("pld", "rdp", "both")
@@ -174,10 +174,10 @@ def audit_ledger(records: list[dict], accountant: str = "both", jobs: int = 1,
             hs["prev_round"] = record["round"]
         if record["status"] == "budget_exhausted" and record["steps"] != 0:
             flag(row, f"status budget_exhausted but steps {record['steps']!r}; an exhausted hospital runs no steps")
-        if record["status"] == "trained":
+        if record["status"] in CHARGED:
             hs["trained"] += 1
             if record["steps"] == 0:
-                flag(row, "status trained but steps 0: a trained round runs at least one DP-SGD step")
+                flag(row, f"status {record['status']} but steps 0: a charged round runs at least one DP-SGD step")
         for problem in _config_problems(record, context.config, hs):
             flag(row, problem)
 
@@ -293,7 +293,7 @@ def _config_problems(record: dict, config: dict | None, hs: dict) -> list[str]:
             problems.append(f"sampling_rate {q!r} x num_examples {n} = {q * n:.6g}, but config.yaml's "
                             f"train.batch_size is {batch} (expected sampling_rate {expected:.9g})")
         epochs = _setting(config, "train", "local_epochs")
-        if record.get("status") == "trained" and _is_number(epochs) and epochs > 0 and _is_int(steps):
+        if record.get("status") in CHARGED and _is_number(epochs) and epochs > 0 and _is_int(steps):
             planned = max(1, math.ceil(epochs / q))
             if steps != planned:
                 problems.append(f"steps {steps} differ from config.yaml's train.local_epochs {epochs!r} / "
@@ -315,6 +315,9 @@ def _run_problems(records: list[dict], context: RunContext) -> tuple[list[str], 
     metrics = [m for m in context.metrics or [] if _is_int(m.get("round"))]
     last_round = max(rounds + [m["round"] for m in metrics], default=None)
     config, status = context.config, context.status or {}
+    if status and status.get("state") != "finished":
+        notes.append(f"the run is incomplete: status.json says {status.get('state')!r} "
+                     f"({status.get('reason', 'no reason given')}); the ledger covers the rounds that ran")
     excused = set(map(str, status.get("failed_hospitals") or [])) | set(map(str, status.get("rejected_hospitals") or []))
     fraction = _setting(config, "train", "fraction_train")
     everyone_asked = config is not None and (fraction is None or fraction == 1)  # None: the schema's default, 1
@@ -373,7 +376,7 @@ def _odometer_problems(name: str, records: list[dict], lines: list[dict]) -> lis
     problems = []
     for record in records:
         hospital = _hospital_key(record.get("hospital"))
-        if hospital not in named or record.get("status") != "trained":
+        if hospital not in named or record.get("status") not in CHARGED:
             continue
         key = (hospital, record.get("round"), record.get("noise_multiplier"), record.get("sampling_rate"),
                record.get("steps"))

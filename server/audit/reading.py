@@ -16,7 +16,8 @@ LEDGER_NAME = "privacy_ledger.jsonl"
 RECORD_FIELDS = ("round", "hospital", "status", "noise_multiplier", "sampling_rate", "steps",
                  "sampling", "epsilon", "delta", "max_epsilon", "accountant", "num_examples")
 EVENT_FIELDS = ("noise_multiplier", "sampling_rate", "steps", "sampling")
-STATUSES = ("trained", "budget_exhausted")
+STATUSES = ("trained", "budget_exhausted", "lost")  # lost: charged, but its reply never reached the ledger
+CHARGED = ("trained", "lost")  # statuses whose steps were charged (and compose)
 SAMPLING = "poisson"          # the only sampling the training code runs
 # Bounds that keep a hostile ledger from making the audit allocate or run without end. The
 # PLD of one step grows like 1/sigma^2 (sigma 0.1 already takes ~25 s and gives epsilon ~600),

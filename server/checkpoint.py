@@ -1,0 +1,113 @@
+"""The coordinator's checkpoint: everything needed to continue a run after its last complete round.
+
+`<run-dir>/checkpoint/` holds `weights-<round>.npz` (the global model after that round) and
+`state.json` (round, the weights file's name, the strategy's state, the metrics so far, the
+Flower run ids that wrote to this run directory). Each file is written to a temporary name,
+fsynced and renamed; state.json is replaced last and names its weights file, so a crash at
+any moment leaves the previous checkpoint whole. Older weights files are removed afterwards.
+
+Resuming (`resume-dir`): the ledger is never rewritten. Records written after the
+checkpoint (a round cut short) stay, and the resumed run continues after the highest round
+either holds, so no (round, hospital) appears twice. Charges a simulated hospital made in
+this run directory's Flower runs that the ledger does not hold (its reply was lost when the
+run stopped) are read from its odometer file and ledgered as status "lost": they stand.
+In deployment the coordinator cannot read odometers; there the hospital's next reply shows
+the spend and server/strategy.py ledgers the lost rounds it explains.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.privacy import PrivacyEvent, epsilon
+from server.ledger import PrivacyLedger
+from server.run_dir import write_atomic
+
+FORMAT = 1
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    weights: list[np.ndarray]
+    strategy: dict
+    metrics: list[dict]
+    flower_runs: list[int]
+
+
+def save(directory: Path, checkpoint: Checkpoint) -> None:
+    """Write the weights, then state.json naming them; drop older weights files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"weights-{checkpoint.round:05d}.npz"
+    buffer = io.BytesIO()
+    np.savez(buffer, *checkpoint.weights)
+    write_atomic(directory / name, buffer.getvalue())
+    state = {"format": FORMAT, "round": checkpoint.round, "weights": name, "strategy": checkpoint.strategy,
+             "metrics": checkpoint.metrics, "flower_runs": checkpoint.flower_runs}
+    write_atomic(directory / "state.json", json.dumps(state).encode())
+    for old in directory.glob("weights-*.npz"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load(directory: Path) -> Checkpoint:
+    state = json.loads((directory / "state.json").read_text())
+    with np.load(directory / state["weights"]) as archive:
+        weights = [archive[f"arr_{index}"] for index in range(len(archive.files))]
+    return Checkpoint(int(state["round"]), weights, state["strategy"], state["metrics"],
+                      [int(run) for run in state["flower_runs"]])
+
+
+def ledger_lost_charges(ledger: PrivacyLedger, odometer_dir: Path, flower_runs: list[int]) -> list[dict]:
+    """Ledger, as "lost", every odometer charge of `flower_runs` that has no ledger record.
+
+    Simulation only: each simulated hospital's odometer is `<odometer_dir>/<hospital>.jsonl`.
+    Only hospitals already in the ledger are looked up (their name, delta and budget are known).
+    """
+    written = []
+    runs = set(flower_runs)
+    for hospital in sorted({r["hospital"] for r in ledger.records}):
+        path = Path(odometer_dir) / f"{hospital}.jsonl"
+        if not path.is_file():
+            continue
+        recorded = {r["round"] for r in ledger.records if r["hospital"] == hospital and r["steps"] > 0}
+        for charge in _readable_charges(path):
+            if charge.get("run") not in runs or charge.get("round") in recorded:
+                continue
+            last = [r for r in ledger.records if r["hospital"] == hospital][-1]
+            if charge["round"] <= last["round"]:
+                continue  # cannot be placed in order; the audit's odometer check will name it
+            first = ledger.first(hospital)
+            history = [PrivacyEvent.from_dict(e) for e in first.get("prior_events", [])]
+            history += [PrivacyEvent.from_dict(r) for r in ledger.records if r["hospital"] == hospital and r["steps"] > 0]
+            event = PrivacyEvent.from_dict(charge)
+            record = dict(last) | event.to_dict() | {
+                "round": int(charge["round"]), "status": "lost",
+                "epsilon": epsilon(history + [event], last["delta"]),
+            }
+            record.pop("prior_events", None)
+            written.append(ledger.append(record, prior_events=[]))
+            recorded.add(charge["round"])
+    return written
+
+
+def _readable_charges(path: Path) -> list[dict]:
+    """The odometer's well-formed charges; a damaged line is the hospital's to repair (it refuses to train)."""
+    charges = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            charge = json.loads(line)
+            PrivacyEvent.from_dict(charge)
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(charge.get("round"), int):
+            charges.append(charge)
+    return charges

@@ -1,0 +1,1 @@
+"""Test-only Flower apps (never part of a deployment)."""

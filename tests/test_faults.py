@@ -1,0 +1,239 @@
+"""Fault injection with real processes: Flower's simulation engine, real ClientApps, DP-SGD and
+accountants. Each test checks the outcome a person sees (round lines, exit code, no
+traceback), that every ledger epsilon recomputes (dp-accounting directly and the audit),
+and that every odometer charge appears in the ledger.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dp_accounting
+import psutil
+import pytest
+
+from common.privacy import sampling_rate_for, steps_for
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--set", "train.batch_size=32", "--set", "model.filters=[8,16]", "--set", "model.dense_units=16",
+         "--set", "train.local_epochs=1"]
+TIMEOUT = 1200
+
+
+def _start(args, tmp_path, name, app=None):
+    """simulate.py (or the test-only harness loading `app`) as a process of its own."""
+    command = [sys.executable, "simulate.py", *args] if app is None else \
+        [sys.executable, "-m", "tests.apps.simulate_with", app, *args]
+    stdout, stderr = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
+    return subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr, start_new_session=True)
+
+
+def _finish(process, tmp_path, name):
+    try:
+        code = process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _kill_tree(process.pid)
+        raise
+    return code, (tmp_path / f"{name}.out").read_text(), (tmp_path / f"{name}.err").read_text()
+
+
+def _kill_tree(pid):
+    try:
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in family:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
+def _checkpointed_round(run: Path) -> int:
+    try:
+        return json.loads((run / "checkpoint" / "state.json").read_text())["round"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def _wait_for_round(process, run: Path, round_number: int) -> None:
+    while _checkpointed_round(run) < round_number:
+        assert process.poll() is None, f"the run ended before round {round_number}"
+        time.sleep(0.2)
+
+
+def _ledger(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "privacy_ledger.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _odometer_charges(odometer: Path) -> dict[str, list[dict]]:
+    """Every readable charge in each simulated hospital's odometer file."""
+    charges = {}
+    for path in sorted(odometer.glob("*.jsonl")):
+        if path.name.endswith(".train-log.jsonl"):
+            continue
+        own = []
+        for line in path.read_text().splitlines():
+            try:
+                own.append(json.loads(line))
+            except ValueError:
+                continue  # a line the test itself corrupted
+        charges[path.stem] = own
+    return charges
+
+
+def _recompute(records, hospital, upto):
+    """A ledger epsilon from the ledger's own fields, with dp-accounting directly."""
+    own = [r for r in records if r["hospital"] == hospital and r["round"] <= upto]
+    steps = {}
+    for event in list(own[0].get("prior_events", [])) + own:
+        if event["steps"] > 0:
+            key = (event["noise_multiplier"], event["sampling_rate"])
+            steps[key] = steps.get(key, 0) + event["steps"]
+    accountant = dp_accounting.pld.PLDAccountant()
+    for (sigma, q), count in steps.items():
+        accountant.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count))
+    return accountant.get_epsilon(own[-1]["delta"]) if steps else 0.0
+
+
+def _check_ledger(run: Path, odometer: Path) -> list[dict]:
+    """Every epsilon recomputes; every odometer charge is in the ledger; the audit agrees."""
+    records = _ledger(run)
+    for record in records:
+        assert record["epsilon"] == pytest.approx(_recompute(records, record["hospital"], record["round"]), rel=1e-9)
+    for hospital, charges in _odometer_charges(odometer).items():
+        ledgered = sorted((r["round"], r["steps"]) for r in records if r["hospital"] == hospital and r["steps"] > 0)
+        assert ledgered == sorted((c["round"], c["steps"]) for c in charges), hospital
+    audit = subprocess.run([sys.executable, "-m", "server.audit", str(run)], cwd=ROOT, capture_output=True, text=True)
+    if any(r["status"] == "lost" for r in records) and audit.returncode == 1:
+        # Until server/audit.py (issue 11) knows status "lost", its only complaint may be that
+        # status; it still recomputes those records' epsilons like any other.
+        section = audit.stdout.split("DISCREPANCIES", 1)[1]
+        found = [line for line in section.splitlines() if re.match(r"\s*\d+\. ", line)]
+        assert found and all("status 'lost' must be one of" in line for line in found), audit.stdout
+    else:
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+    return records
+
+
+def _status(run: Path) -> dict:
+    return json.loads((run / "status.json").read_text())
+
+
+def test_one_hospital_failing_every_round_is_named_and_the_others_train(tmp_path):
+    odometer, run = tmp_path / "odometer", tmp_path / "run"
+    process = _start([*SMALL, "--set", "hospitals=3", "--set", "rounds=4", "--set", f"privacy.odometer_dir={odometer}",
+                      "--out", str(run)], tmp_path, "failing")
+    _wait_for_round(process, run, 1)
+    with open(odometer / "hospital-2.jsonl", "a") as handle:  # its odometer goes bad: it must refuse to train
+        handle.write("{corrupt\n")
+    code, out, err = _finish(process, tmp_path, "failing")
+    assert code == 1, out + err
+    assert "Traceback" not in out + err
+    lines = [line for line in out.splitlines() if line.startswith("Round ")]
+    assert len(lines) == 4 and "hospital-2 failed (odometer)" in lines[-1], lines
+    assert all("failed" not in line for line in lines[:1])
+    assert "hospital-2" in (run / "run.log").read_text()
+    status = _status(run)
+    assert status["state"] == "finished" and status["exit_code"] == 1 and status["failed_hospitals"] == ["hospital-2"]
+    records = _check_ledger(run, odometer)
+    trained = {(r["round"], r["hospital"]) for r in records if r["status"] == "trained"}
+    assert {(n, h) for n in range(1, 5) for h in ("hospital-0", "hospital-1")} <= trained
+    assert not any(h == "hospital-2" and n == 4 for n, h in trained)
+
+
+def test_stop_file_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+    odometer, run = tmp_path / "odometer", tmp_path / "run"
+    args = [*SMALL, "--set", "hospitals=2", "--set", "rounds=6", "--set", "train.fraction_evaluate=0",
+            "--set", f"privacy.odometer_dir={odometer}"]
+    process = _start([*args, "--out", str(run)], tmp_path, "stopped")
+    _wait_for_round(process, run, 2)
+    (run / "STOP").touch()  # what simulate.py does on the first Ctrl-C
+    code, out, err = _finish(process, tmp_path, "stopped")
+    assert code == 130, out + err
+    status = _status(run)
+    assert status["state"] == "interrupted" and status["exit_code"] == 130
+    stopped_after = status["rounds_completed"]
+    assert 2 <= stopped_after < 6 and (run / "model.keras").is_file()
+    assert "Traceback" not in out + err
+
+    process = _start(["--resume", str(run)], tmp_path, "resumed")
+    code, out, err = _finish(process, tmp_path, "resumed")
+    assert code == 0, out + err
+    assert f"Resuming {run} after round {stopped_after}" in out
+    status = _status(run)
+    assert status["state"] == "finished" and status["rounds_completed"] == 6
+
+    # As an uninterrupted 6-round run: one record per hospital per round, six charges each,
+    # and the final epsilon of six rounds of the same mechanism.
+    records = _check_ledger(run, odometer)
+    assert sorted((r["round"], r["hospital"]) for r in records) == \
+        [(n, h) for n in range(1, 7) for h in ("hospital-0", "hospital-1")]
+    charges = _odometer_charges(odometer)
+    assert sorted(charges) == ["hospital-0", "hospital-1"]
+    for hospital, own in charges.items():
+        examples = records[0]["num_examples"] if records[0]["hospital"] == hospital else records[1]["num_examples"]
+        q = sampling_rate_for(32, examples)
+        assert [c["steps"] for c in own] == [steps_for(1.0, q)] * 6
+        last = [r for r in records if r["hospital"] == hospital][-1]
+        accountant = dp_accounting.pld.PLDAccountant().compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(last["noise_multiplier"])),
+            6 * steps_for(1.0, q)))
+        assert last["epsilon"] == pytest.approx(accountant.get_epsilon(last["delta"]), rel=1e-9)
+    assert [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+
+def test_a_hostile_hospital_is_rejected_and_named_every_round_and_the_run_completes(tmp_path):
+    from tests.apps.hostile_client import ATTACKS
+
+    odometer, run = tmp_path / "odometer", tmp_path / "run"
+    rounds = len(ATTACKS) + 2
+    process = _start([*SMALL, "--set", "hospitals=3", "--set", f"rounds={rounds}", "--set", "train.fraction_evaluate=0",
+                      "--set", f"privacy.odometer_dir={odometer}", "--out", str(run)], tmp_path, "hostile",
+                     app="tests.apps.hostile_client:app")
+    code, out, err = _finish(process, tmp_path, "hostile")
+    assert code == 1, out + err
+    assert "Traceback" not in out + err
+    lines = [line for line in out.splitlines() if line.startswith("Round ")]
+    assert len(lines) == rounds, out
+    for number, line in enumerate(lines, start=1):
+        assert ("hospital-0 rejected (" in line) == (2 <= number < rounds), line
+    rejected = [json.loads(line) for line in (run / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["hospital"]) for r in rejected] == [(n, "hospital-0") for n in range(2, rounds)]
+    status = _status(run)
+    assert status["state"] == "finished" and status["rejected_hospitals"] == ["hospital-0"]
+    records = _check_ledger(run, odometer)
+    for hospital in ("hospital-1", "hospital-2"):
+        assert [r["round"] for r in records if r["hospital"] == hospital and r["status"] == "trained"] == \
+            list(range(1, rounds + 1))
+    # The weights of 1e30 never reached the global model: it still classifies.
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["loss"] < 100 for m in metrics), metrics
+
+
+def test_a_killed_run_says_so_and_resumes_with_every_charge_ledgered(tmp_path):
+    odometer, run = tmp_path / "odometer", tmp_path / "run"
+    process = _start([*SMALL, "--set", "hospitals=2", "--set", "rounds=6", "--set", "train.fraction_evaluate=0",
+                      "--set", f"privacy.odometer_dir={odometer}", "--out", str(run)], tmp_path, "killed")
+    _wait_for_round(process, run, 3)
+    _kill_tree(process.pid)  # SIGKILL: no handler runs, whatever round 4 had charged stays charged
+    process.wait(timeout=60)
+    status = _status(run)
+    assert status["state"] == "running" and status["exit_code"] != 0  # the directory says it did not finish
+    assert status["rounds_completed"] >= 3
+
+    process = _start(["--resume", str(run)], tmp_path, "resumed")
+    code, out, err = _finish(process, tmp_path, "resumed")
+    assert code == 0, out + err
+    assert "Traceback" not in out + err
+    assert _status(run)["state"] == "finished" and _status(run)["rounds_completed"] == 6
+    records = _check_ledger(run, odometer)  # every charge, including any of the cut-short round
+    pairs = [(r["round"], r["hospital"]) for r in records]
+    assert len(pairs) == len(set(pairs))  # no duplicate
+    assert {(n, h) for n in (1, 2, 3, 6) for h in ("hospital-0", "hospital-1")} <= set(pairs)
