@@ -16,7 +16,8 @@ reason) and each epsilon:
 - non-private: FedAvg on the same split without clipping or noise (once per data set).
 Scores are on the data set's central test split: accuracy, balanced accuracy, and AUC for a
 binary task. DP noise comes from OS entropy, so `--repeats` runs each point several times
-(with seeds 0..N-1 for the split) and reports mean, min and max. Writes a PNG per data set.
+on the same split (seed 0: the split and the initial model are fixed, the DP noise is fresh every
+run) and reports mean, min and max. Writes a PNG per data set.
 """
 from __future__ import annotations
 
@@ -41,12 +42,12 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def federated(data: str, eps: float, seed: int, workdir: Path) -> dict:
+def federated(data: str, eps: float, repeat: int, workdir: Path) -> dict:
     """One real simulation; its final central scores, the epsilons its ledger reached, the audit's verdict."""
-    name = f"{data}-eps{eps:g}-seed{seed}"
+    name = f"{data}-eps{eps:g}-run{repeat}"
     out, odometer = workdir / f"run-{name}", workdir / f"odometer-{name}"
     command = [sys.executable, str(ROOT / "simulate.py"), "--out", str(out)]
-    for setting in SOURCES[data] + FEDERATION + [f"privacy.max_epsilon={eps}", f"seed={seed}",
+    for setting in SOURCES[data] + FEDERATION + [f"privacy.max_epsilon={eps}",
                                                  f"privacy.odometer_dir={odometer}"]:
         command += ["--set", setting]
     started = time.perf_counter()
@@ -126,17 +127,16 @@ def main():
             for eps in args.eps:
                 for mode in ("fed", "central"):
                     runs = []
-                    for seed in range(args.repeats):
+                    for repeat in range(args.repeats):
                         if not args.json:
-                            print(f"{data} epsilon {eps:g} {mode} seed {seed} ...", file=sys.stderr, flush=True)
+                            print(f"{data} epsilon {eps:g} {mode} run {repeat} ...", file=sys.stderr, flush=True)
                         if mode == "fed" and args.real:
-                            runs.append(federated(data, eps, seed, workdir))
+                            runs.append(federated(data, eps, repeat, workdir))
                         else:
-                            config = config_for(data, [f"privacy.max_epsilon={eps}", f"seed={seed}"])
+                            config = config_for(data, [f"privacy.max_epsilon={eps}"])
                             runs.append(run(config, mode))
                     table[mode][f"{eps:g}"] = point(runs)
-            table["nonprivate"] = point([run(config_for(data, [f"seed={seed}"]), "nonprivate")
-                                         for seed in range(args.repeats)])
+            table["nonprivate"] = point([run(config_for(data, []), "nonprivate") for _ in range(args.repeats)])
             png = Path(args.plot_dir) / f"accuracy_{data}.png"
             plot(data, table, png)
             config = config_for(data, [])
