@@ -13,7 +13,7 @@ reason) and each epsilon:
   adds Flower's start-up to every point.
 - centralized: the same examples pooled into one DP-SGD run at the same epsilon, batch,
   epochs and rounds (bench.recipe, the run's own engine and planner);
-- non-private: FedAvg on the same split without clipping or noise (once per data set).
+- non-private: FedAvg on the same split without noise (clipped as the recipe clips; once per data set).
 Scores are on the data set's central test split: accuracy, balanced accuracy, and AUC for a
 binary task. DP noise comes from OS entropy, so `--repeats` runs each point several times
 on the same split (seed 0: the split and the initial model are fixed, the DP noise is fresh every
