@@ -29,7 +29,7 @@ DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SOURCES = {  # name -> the settings that select the data set (everything else is the default recipe)
     "blood": ["data.source=folder", f"data.path={DATA / 'blood_cells'}"],
     # ~110-220 examples per hospital: fewer than the default batch of 128, which a hospital refuses.
-    "breast": ["data.source=npz", f"data.path={DATA / 'breastmnist.npz'}", "train.batch_size=32"],
+    "breast": ["data.source=npz", f"data.path={DATA / 'breastmnist.npz'}", "train.batch_size=16"],
     "retina": ["data.source=npz", f"data.path={DATA / 'retinamnist.npz'}", "train.batch_size=64"],
     "digits": ["data.source=digits"],
 }
