@@ -28,7 +28,8 @@ def ask_plans(grid, node_ids: list[int], train_config: ConfigRecord, timeout: fl
 def plan_lines(plans: dict[str, dict], rounds: int) -> list[str]:
     """A table: per hospital its examples, q, steps per round, planned sigma, final epsilon."""
     if not plans:
-        return ["Privacy plan: no hospital answered before round 1."]
+        return ["Privacy plan: no hospital answered in time (still loading its data, or failed: see run.log); "
+                "each plans its noise before it trains all the same, and the ledger records it."]
     lines = [f"Privacy plan for {rounds} round(s), chosen by each hospital from its own budget:",
              f"  {'hospital':<14} {'examples':>8} {'q':>7} {'steps/round':>11} {'sigma':>7} "
              f"{'epsilon now':>11} {'epsilon at end':>14} {'budget':>7}"]
