@@ -40,6 +40,8 @@ import numpy as np
 from common.errors import UserError
 from common.privacy import PrivacyEvent, epsilon
 
+SIMULATION_ODOMETER = "simulation.jsonl"  # one file for every simulated hospital, charges tagged by shard
+
 # Highest sequence number seen per odometer file in this process: a file that later holds
 # fewer charges was deleted or truncated under us (an odometer restarting at zero mid-run).
 _SEEN: dict[str, int] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.odometer import OdometerError, PrivacyOdometer, example_hashes, fingerprint
+from client.odometer import SIMULATION_ODOMETER, OdometerError, PrivacyOdometer, example_hashes, fingerprint
 from client.split import hospital_split
 from common.config import Config, ModelConfig
 from common.data import load_dataset
@@ -93,7 +93,6 @@ class TrainOutcome:
     train_loss: float = field(default=float("nan"))  # stays local: not differentially private
 
 
-SIMULATION_ODOMETER = "simulation.jsonl"  # one file for every simulated hospital, charges tagged by shard
 _HASHES: dict[int, tuple[np.ndarray, list[str]]] = {}  # id(array) -> (array, example hashes), per process
 _ANNOUNCED: set[str] = set()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.odometer import SIMULATION_ODOMETER
 from common.privacy import PrivacyEvent, epsilon
 from server.ledger import PrivacyLedger
 from server.run_dir import write_atomic
@@ -65,18 +66,18 @@ def load(directory: Path) -> Checkpoint:
 def ledger_lost_charges(ledger: PrivacyLedger, odometer_dir: Path, flower_runs: list[int]) -> list[dict]:
     """Ledger, as "lost", every odometer charge of `flower_runs` that has no ledger record.
 
-    Simulation only: each simulated hospital's odometer is `<odometer_dir>/<hospital>.jsonl`.
-    Only hospitals already in the ledger are looked up (their name, delta and budget are known).
+    Simulation only: the simulated hospitals share `<odometer_dir>/simulation.jsonl`, each
+    charge naming its hospital. Only hospitals already in the ledger are looked up (their
+    name, delta and budget are known).
     """
     written = []
     runs = set(flower_runs)
+    path = Path(odometer_dir) / SIMULATION_ODOMETER
+    charges = _readable_charges(path) if path.is_file() else []
     for hospital in sorted({r["hospital"] for r in ledger.records}):
-        path = Path(odometer_dir) / f"{hospital}.jsonl"
-        if not path.is_file():
-            continue
         recorded = {r["round"] for r in ledger.records if r["hospital"] == hospital and r["steps"] > 0}
-        for charge in _readable_charges(path):
-            if charge.get("run") not in runs or charge.get("round") in recorded:
+        for charge in charges:
+            if charge.get("hospital") != hospital or charge.get("run") not in runs or charge.get("round") in recorded:
                 continue
             last = [r for r in ledger.records if r["hospital"] == hospital][-1]
             if charge["round"] <= last["round"]:

@@ -93,7 +93,7 @@ def test_odometer_charges_without_a_ledger_record_are_ledgered_as_lost(tmp_path)
     charges = [e.to_dict() | {"hospital": "hospital-0", "run": 99, "round": 0} for e in prior]
     for number in (1, 2, 3):
         charges.append(event.to_dict() | {"hospital": "hospital-0", "run": 5, "round": number})
-    (odometer / "hospital-0.jsonl").write_text("".join(json.dumps(c) + "\n" for c in charges) + "{damaged\n")
+    (odometer / "simulation.jsonl").write_text("".join(json.dumps(c) + "\n" for c in charges) + "{damaged\n")
     for number in (1, 2):
         record = event.to_dict() | {"round": number, "hospital": "hospital-0", "status": "trained",
                                     "epsilon": epsilon(prior + [event] * number, 1e-5), "delta": 1e-5,

@@ -1,0 +1,37 @@
+"""Test-only ClientApp: hospital-2's data goes bad after round 1 (tests/test_faults.py).
+
+From round 2 on, hospital-2 fails the way a hospital whose images became unreadable fails:
+the real ClientApp's error handling replies with the category "data" and nothing else.
+Every other hospital, and hospital-2 in round 1, is the real ClientApp.
+"""
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client import client_app as honest
+from common.errors import UserError
+
+app = ClientApp()
+
+
+@honest._guarded
+def _unreadable(msg: Message, context: Context) -> Message:
+    raise UserError("the hospital's images became unreadable (test fault)")
+
+
+def _broken(msg: Message, context: Context) -> bool:
+    return int(context.node_config["partition-id"]) == 2 and int(msg.content["config"]["server-round"]) >= 2
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _unreadable(msg, context) if _broken(msg, context) else honest.train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return honest.evaluate(msg, context)
+
+
+@app.query()
+def plan(msg: Message, context: Context) -> Message:
+    return honest.plan(msg, context)
