@@ -120,7 +120,7 @@ def test_one_hospital_failing_every_round_is_named_and_the_others_train(tmp_path
     code, out, err = _finish(process, tmp_path, "failing")
     assert code == 1, out + err
     assert "Traceback" not in out + err and "unreadable" not in out + err  # the category only, never the text
-    lines = [line for line in out.splitlines() if line.startswith("Round ")]
+    lines = [line for line in out.splitlines() if line.startswith("Round ") and " | accuracy" in line]
     assert len(lines) == 4 and all("hospital-2 failed (data)" in line for line in lines[1:]), lines
     assert "failed" not in lines[0]
     assert "hospital-2" in (run / "run.log").read_text()
@@ -185,7 +185,7 @@ def test_a_hostile_hospital_is_rejected_and_named_every_round_and_the_run_comple
     code, out, err = _finish(process, tmp_path, "hostile")
     assert code == 1, out + err
     assert "Traceback" not in out + err
-    lines = [line for line in out.splitlines() if line.startswith("Round ")]
+    lines = [line for line in out.splitlines() if line.startswith("Round ") and " | accuracy" in line]
     assert len(lines) == rounds, out
     for number, line in enumerate(lines, start=1):
         assert ("hospital-0 rejected (" in line) == (2 <= number < rounds), line
