@@ -63,9 +63,9 @@ def run(config, mode: str) -> dict:
         if private and config.dp.noise_multiplier == "auto":
             plan = plan_noise([], q, steps, config.rounds, config.privacy.max_epsilon, config.privacy.delta,
                               max_noise=useful_noise_limit(train.batch_size))
-            if plan is None:
-                raise ValueError(f"{len(y)} examples cannot fund {config.rounds} useful rounds at "
-                                 f"epsilon {config.privacy.max_epsilon}")
+            if plan is None:  # as in a run: this hospital declines every round
+                plans.append((q, steps, None))
+                continue
             sigma = plan.noise_multiplier
             reached.append(plan.epsilon_after)
         elif private:
@@ -78,18 +78,21 @@ def run(config, mode: str) -> dict:
     for round_number in range(1, config.rounds + 1):
         updates = []
         for (x, y), (q, steps, sigma) in zip(shards, plans):
+            if sigma is None:
+                continue
             model.set_weights(weights)
             engine.reset_optimizer()
             engine.noise_multiplier = sigma
             engine.train(x, y, sampling_rate=q, steps=steps)
             updates.append(model.get_weights())
-        weights = [sum(w * (n / sizes.sum()) for w, n in zip(ws, sizes)) for ws in zip(*updates)]
+        trained = sizes[[p[2] is not None for p in plans]]
+        weights = [sum(w * (n / trained.sum()) for w, n in zip(ws, trained)) for ws in zip(*updates)]
         if round_number % 5 == 0 or round_number == config.rounds:
             model.set_weights(weights)
             curve.append(round(evaluate_model(model, federation.test_x, federation.test_y)["accuracy"], 4))
     model.set_weights(weights)
     scores = evaluate_model(model, federation.test_x, federation.test_y)
-    return {"mode": mode, "examples": sizes.astype(int).tolist(), "noise_multipliers": [round(p[2], 4) for p in plans],
+    return {"mode": mode, "examples": sizes.astype(int).tolist(), "noise_multipliers": [None if p[2] is None else round(p[2], 4) for p in plans],
             "steps_per_round": [p[1] for p in plans], "accuracy_every_5_rounds": curve,
             **({"epsilon_min": min(reached), "epsilon_max": max(reached)} if reached else {}),
             **{k: round(v, 4) for k, v in scores.items()}, "seconds": round(time.time() - started, 1)}
