@@ -64,3 +64,14 @@ def test_fixed_noise_is_kept_and_the_plan_shows_where_it_ends(tmp_path):
     plan = dict(app(_message("query", _plan_content(noise=0.6, rounds=20)), context).content["plan"])
     assert plan["noise-multiplier"] == 0.6  # the config's sigma, not a planned one
     assert np.isfinite(plan["epsilon-planned"]) and plan["epsilon-planned"] > 8.0  # past the budget: it stops early
+
+
+def test_a_model_at_chance_level_is_named_with_why_the_data_is_too_small():
+    from server.report import _at_chance
+
+    latest = {"hospital-0": {"num_examples": 31, "sampling_rate": 16 / 31, "noise_multiplier": 3.9, "max_epsilon": 3.0},
+              "hospital-1": {"num_examples": 140, "sampling_rate": 16 / 140, "noise_multiplier": 2.1, "max_epsilon": 3.0}}
+    (line,) = _at_chance({"balanced_accuracy": 0.51, "classes": 2, "single_class": 0}, latest)
+    assert "too small for this budget" in line and "31 training examples" in line and "sigma 3.9" in line
+    assert _at_chance({"balanced_accuracy": 0.62, "classes": 2}, latest) == []
+    assert "same class" in _at_chance({"balanced_accuracy": 0.125, "classes": 8, "single_class": 1}, latest)[0]
