@@ -87,6 +87,19 @@ def _site(context: Context):
     return config, simulation_site(config, int(context.node_config["partition-id"]))
 
 
+def _coordinator_run(msg: Message, context: Context) -> int:
+    """The run the charges belong to: the coordinator's run, which outlives a resume.
+
+    A resumed run is a new Flower run; keyed by Flower's run id, a hospital would plan its
+    noise afresh mid-run. Whatever number a coordinator sends, every charge is still checked
+    against everything in the odometer.
+    """
+    value = msg.content["config"].get("coordinator-run", context.run_id)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingsError("the coordinator's run id is not an integer")
+    return value
+
+
 def _settings(round_config) -> TrainSettings:
     missing = [name for name in TrainSettings.__dataclass_fields__ if name not in round_config]
     if missing:
@@ -99,7 +112,7 @@ def _settings(round_config) -> TrainSettings:
 def plan(msg: Message, context: Context) -> Message:
     """Before round 1: the hospital's privacy plan for this run (public numbers only)."""
     config, site = _site(context)
-    summary = plan_summary(site, _settings(msg.content["config"]), context.run_id)
+    summary = plan_summary(site, _settings(msg.content["config"]), _coordinator_run(msg, context))
     return Message(content=RecordDict({"plan": ConfigRecord({"hospital": site.name, **summary})}), reply_to=msg)
 
 
@@ -111,7 +124,8 @@ def train(msg: Message, context: Context) -> Message:
     round_config = msg.content["config"]
     settings = _settings(round_config)
     weights = msg.content["arrays"].to_numpy_ndarrays()
-    outcome = train_round(site, config, settings, weights, context.run_id, int(round_config["server-round"]))
+    outcome = train_round(site, config, settings, weights, _coordinator_run(msg, context),
+                          int(round_config["server-round"]))
 
     # Only the DP weights, the privacy record (public parameters) and the example count leave.
     metrics = MetricRecord({

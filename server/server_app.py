@@ -204,6 +204,9 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         "l2_norm_clip": config.dp.l2_norm_clip,
         "noise_multiplier": config.dp.noise_multiplier,  # a number, or "auto": each hospital plans its own
         "planned_rounds": config.rounds,
+        # The first Flower run of this run directory: stays the same across resumes, so each
+        # hospital keeps the noise it planned for the whole run.
+        "coordinator-run": flower_runs[0],
     })
     completed = first_round - 1
 
