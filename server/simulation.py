@@ -363,8 +363,11 @@ def outcome(out: Path, succeeded: bool | None, interrupted: bool) -> int:
     status = out / "status.json"
     if status.is_file():
         try:
-            return int(json.loads(status.read_text())["exit_code"])
-        except (ValueError, KeyError, TypeError, OSError):
+            written = json.loads(status.read_text())
+            # A run stopped at once (second Ctrl-C) never wrote its final status: "running".
+            if not (interrupted and written.get("state") == "running"):
+                return int(written["exit_code"])
+        except (ValueError, KeyError, TypeError, OSError, AttributeError):
             pass
     if interrupted:
         return 130

@@ -62,8 +62,8 @@ def test_flwr_run_dot_simulates_as_many_hospitals_as_supernodes_with_flat_overri
     ledger = [json.loads(line) for line in (run_dir / "privacy_ledger.jsonl").read_text().splitlines()]
     assert sorted(r["hospital"] for r in ledger) == ["hospital-0", "hospital-1", "hospital-2"]
     assert all(r["max_epsilon"] == 20.0 and r["status"] == "trained" for r in ledger)
-    assert sorted(p.name for p in odometer.glob("*.jsonl") if "train-log" not in p.name) == [
-        "hospital-0.jsonl", "hospital-1.jsonl", "hospital-2.jsonl"]
+    charges = [json.loads(line) for line in (odometer / "simulation.jsonl").read_text().splitlines()]
+    assert sorted(c["hospital"] for c in charges) == ["hospital-0", "hospital-1", "hospital-2"]
 
 
 def _flower_processes(flwr_home: Path) -> list:

@@ -104,14 +104,14 @@ def test_simulated_accounting_follows_the_images(tmp_path):
     from client.task import simulation_site
 
     directory = f"privacy.odometer_dir={tmp_path}"
-    first = load_config(None, [directory, "hospitals=2", "seed=0", "train.batch_size=16"])
+    first = load_config(None, [directory, "hospitals=2", "seed=0", "train.batch_size=16", "privacy.max_epsilon=8"])
     first_sites = [simulation_site(first, i) for i in range(2)]
     assert first_sites[0].odometer.reserve(EVENT, run=1, round_number=1).charged
     # In the same run the other hospital holds other images: nothing of hospital-0's counts.
     assert simulation_site(first, 1).odometer.events() == []
     used = set(example_hashes(first_sites[0].train_x, first_sites[0].train_y))
 
-    second = load_config(None, [directory, "hospitals=3", "seed=1", "train.batch_size=16"])
+    second = load_config(None, [directory, "hospitals=3", "seed=1", "train.batch_size=16", "privacy.max_epsilon=8"])
     overlapping = 0
     for index in range(3):
         site = simulation_site(second, index)
