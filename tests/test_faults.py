@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from common.privacy import sampling_rate_for, steps_for
+from tests.test_simulation import _recompute  # the ledger's epsilon, recomputed with dp-accounting directly
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--set", "train.batch_size=32", "--set", "model.filters=[8,16]", "--set", "model.dense_units=16",
@@ -77,21 +78,6 @@ def _odometer_charges(odometer: Path) -> dict[str, list[dict]]:
         charge = json.loads(line)
         charges.setdefault(charge["hospital"], []).append(charge)
     return charges
-
-
-def _recompute(records, hospital, upto):
-    """A ledger epsilon from the ledger's own fields, with dp-accounting directly."""
-    own = [r for r in records if r["hospital"] == hospital and r["round"] <= upto]
-    steps = {}
-    for event in list(own[0].get("prior_events", [])) + own:
-        if event["steps"] > 0:
-            key = (event["noise_multiplier"], event["sampling_rate"])
-            steps[key] = steps.get(key, 0) + event["steps"]
-    accountant = dp_accounting.pld.PLDAccountant()
-    for (sigma, q), count in steps.items():
-        accountant.compose(dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count))
-    return accountant.get_epsilon(own[-1]["delta"]) if steps else 0.0
 
 
 def _check_ledger(run: Path, odometer: Path) -> list[dict]:
