@@ -39,7 +39,7 @@ def _pyplot():
     return plt, MaxNLocator
 
 
-def _epsilon_plot(ledger: list[dict], path: Path) -> None:
+def epsilon_plot(ledger: list[dict], path: Path) -> None:
     """Cumulative epsilon against round: one line per hospital, or min/median/max beyond LISTED."""
     plt, MaxNLocator = _pyplot()
     hospitals = _order({r["hospital"] for r in ledger})
@@ -188,8 +188,8 @@ def write_report(run, config, simulated: bool) -> Path:
 
     figures = [("accuracy.png", "Global model accuracy")]
     if ledger:
-        _epsilon_plot(ledger, path / "report_epsilon.png")
-        figures.append(("report_epsilon.png", "Privacy spent per hospital"))
+        epsilon_plot(ledger, path / "epsilon.png")
+        figures.append(("epsilon.png", "Privacy spent per hospital"))
     evaluation = (metrics[-1].get("hospitals_evaluation") if metrics else None) or {}
     if evaluation:
         _hospital_accuracy_plot(evaluation, path / "report_hospital_accuracy.png")

@@ -22,7 +22,6 @@ class RunDirectory:
         self.ledger = self.path / "privacy_ledger.jsonl"
         self.model = self.path / "model.keras"
         self.accuracy_plot = self.path / "accuracy.png"
-        self.epsilon_plot = self.path / "epsilon.png"
         self.log = self.path / "run.log"  # failure details: never on the terminal
         self.rejected = self.path / "rejected.jsonl"  # replies refused before the ledger, with the reason
         self.status = self.path / "status.json"  # the run's outcome (README: "When things fail")
@@ -69,12 +68,13 @@ class RunDirectory:
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
 
-    def plot(self, ledger_records: list[dict]) -> None:
-        """accuracy.png (central and federated accuracy) and epsilon.png (per hospital, with budgets)."""
+    def plot_accuracy(self) -> None:
+        """accuracy.png: central and federated accuracy against round (report.md draws epsilon.png)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         metrics = self.read_metrics()
         figure, axis = plt.subplots(figsize=(6, 4))
@@ -84,27 +84,11 @@ class RunDirectory:
         if federated:
             axis.plot(*zip(*federated), marker="s", linestyle="--", label="hospitals' held-out splits")
         axis.set(xlabel="round", ylabel="accuracy", title="Global model accuracy", ylim=(0, 1))
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         axis.grid(alpha=0.3)
         axis.legend()
         figure.tight_layout()
         figure.savefig(self.accuracy_plot, dpi=120)
-        plt.close(figure)
-
-        figure, axis = plt.subplots(figsize=(6, 4))
-        hospitals = sorted({r["hospital"] for r in ledger_records}, key=lambda h: (len(h), h))
-        for hospital in hospitals:
-            own = [r for r in ledger_records if r["hospital"] == hospital]
-            axis.plot([r["round"] for r in own], [r["epsilon"] for r in own], marker=".",
-                      label=hospital if len(hospitals) <= 10 else None)
-        for budget in sorted({r["max_epsilon"] for r in ledger_records}):
-            axis.axhline(budget, color="red", linestyle=":", linewidth=1)
-        delta = ledger_records[0]["delta"] if ledger_records else None
-        axis.set(xlabel="round", ylabel="cumulative epsilon", title=f"Privacy spent per hospital (delta={delta})")
-        axis.grid(alpha=0.3)
-        if 0 < len(hospitals) <= 10:
-            axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(self.epsilon_plot, dpi=120)
         plt.close(figure)
 
 

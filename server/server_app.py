@@ -299,7 +299,7 @@ def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, 
         log.info("%s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
     model.set_weights(arrays.to_numpy_ndarrays())
     model.save(run.model)
-    run.plot(ledger.records)
+    run.plot_accuracy()
     for line in summary_lines(run, ledger.latest(), strategy.exhausted(), strategy.declined_at, time.time() - started):
         print(line, flush=True)
     named = sorted(strategy.failed) + sorted(strategy.rejected)

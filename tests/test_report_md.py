@@ -36,7 +36,7 @@ def test_report_at_50_hospitals_states_every_epsilon_and_embeds_its_plots(tmp_pa
         assert f"| hospital-{i} | {1.5 + 0.01 * i:.3f} | 1e-05 | 8 |" in text
     assert "epsilon 1.990 at delta 1e-05** (hospital-49)" in text
     assert "min 0.500, median" in text and "max 0.745" in text  # 50 per-hospital scores summarised
-    for image in ("report_epsilon.png", "report_hospital_accuracy.png", "report_labels.png"):
+    for image in ("epsilon.png", "report_hospital_accuracy.png", "report_labels.png"):
         assert f"]({image})" in text and (tmp_path / image).stat().st_size > 1000
 
 
