@@ -75,15 +75,17 @@ def run(config, mode: str) -> dict:
     sizes = np.array([len(y) for _, y in shards], dtype=np.float64)
     started = time.time()
     curve = []
+    velocities = [None] * len(shards)  # each hospital's momentum carries over to its next round, as in a run
     for round_number in range(1, config.rounds + 1):
         updates = []
-        for (x, y), (q, steps, sigma) in zip(shards, plans):
+        for i, ((x, y), (q, steps, sigma)) in enumerate(zip(shards, plans)):
             if sigma is None:
                 continue
             model.set_weights(weights)
-            engine.reset_optimizer()
+            engine.set_velocity(velocities[i])
             engine.noise_multiplier = sigma
             engine.train(x, y, sampling_rate=q, steps=steps)
+            velocities[i] = engine.velocity()
             updates.append(model.get_weights())
         trained = sizes[[p[2] is not None for p in plans]]
         weights = [sum(w * (n / trained.sum()) for w, n in zip(ws, trained)) for ws in zip(*updates)]

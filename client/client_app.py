@@ -124,8 +124,13 @@ def train(msg: Message, context: Context) -> Message:
     round_config = msg.content["config"]
     settings = _settings(round_config)
     weights = msg.content["arrays"].to_numpy_ndarrays()
+    # The hospital's momentum from its previous round of this run: kept in the node's own
+    # state (Flower keeps a Context per node and run), never sent.
+    velocity = context.state["velocity"].to_numpy_ndarrays() if "velocity" in context.state else None
     outcome = train_round(site, config, settings, weights, _coordinator_run(msg, context),
-                          int(round_config["server-round"]))
+                          int(round_config["server-round"]), velocity)
+    if outcome.velocity is not None:
+        context.state["velocity"] = ArrayRecord(outcome.velocity)
 
     # Only the DP weights, the privacy record (public parameters) and the example count leave.
     metrics = MetricRecord({

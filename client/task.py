@@ -91,6 +91,7 @@ class TrainOutcome:
     epsilon_needed: float = 0.0  # what the round would have cost in total (public: from public parameters)
     weights: list[np.ndarray] | None = None
     train_loss: float = field(default=float("nan"))  # stays local: not differentially private
+    velocity: list[np.ndarray] | None = None  # momentum left for the next round: stays local
 
 
 _HASHES: dict[int, tuple[np.ndarray, list[str]]] = {}  # id(array) -> (array, example hashes), per process
@@ -292,8 +293,14 @@ def plan_summary(site: HospitalSite, settings: TrainSettings, run_id: int) -> di
 
 
 def train_round(site: HospitalSite, config: Config, settings: TrainSettings, weights: list[np.ndarray],
-                run_id: int, round_number: int) -> TrainOutcome:
-    """Plan or take the noise, check the budget, charge the odometer durably, then train with DP-SGD."""
+                run_id: int, round_number: int, velocity: list[np.ndarray] | None = None) -> TrainOutcome:
+    """Plan or take the noise, check the budget, charge the odometer durably, then train with DP-SGD.
+
+    `velocity` is the momentum this hospital's previous round of the run left: a round has
+    only about n / batch steps, too few for heavy-ball momentum to build up from zero, so
+    the hospital's optimizer carries on where it stopped, as one centralized run would
+    (BENCHMARKS.md section 3). It is post-processing of the hospital's own noisy gradients.
+    """
     _check_batch(site, settings)
     num_examples = len(site.train_y)
     plan = noise_plan(site, settings, run_id, round_number)
@@ -320,15 +327,16 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
                             epsilon_needed=epsilon_after)
 
     model, engine = _prepared(config, site.train_x.shape[1:], site.num_classes, weights, settings)
+    carried = engine.set_velocity(velocity)
     engine.noise_multiplier = event.noise_multiplier
     stats = engine.train(site.train_x, site.train_y, sampling_rate=event.sampling_rate, steps=event.steps)
     log.info("%s round %d: %d DP-SGD steps in %.2f s, local train loss %.4f (not released)",
              site.name, round_number, stats.steps, stats.seconds, stats.mean_loss)
     _local_log(site, {"run": run_id, "round": round_number, "steps": stats.steps,
-                      "seconds": round(stats.seconds, 4), "train_loss": stats.mean_loss})
+                      "seconds": round(stats.seconds, 4), "train_loss": stats.mean_loss, "momentum_carried": carried})
     can_train_again = site.odometer.epsilon_after(event) <= site.odometer.max_epsilon
     return TrainOutcome("trained", event, epsilon_after, prior, num_examples, can_train_again,
-                        epsilon_after, model.get_weights(), stats.mean_loss)
+                        epsilon_after, model.get_weights(), stats.mean_loss, engine.velocity())
 
 
 def evaluate_round(site: HospitalSite, config: Config, weights: list[np.ndarray]) -> dict | None:

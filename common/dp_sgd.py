@@ -167,6 +167,25 @@ class DPSGDEngine:
         for velocity in self._velocity or []:
             velocity.assign(tf.zeros_like(velocity))
 
+    def velocity(self) -> list[np.ndarray] | None:
+        """The momentum buffers (None without momentum): the optimizer's state after a round."""
+        return None if self._velocity is None else [v.numpy() for v in self._velocity]
+
+    def set_velocity(self, arrays) -> bool:
+        """Start from momentum buffers a previous round left; False (and zeros) if they do not fit.
+
+        The buffers are sums of this hospital's own noisy gradients: post-processing, so
+        carrying them costs no privacy, and they never leave the hospital."""
+        self.reset_optimizer()
+        if self._velocity is None or arrays is None or len(arrays) != len(self._velocity):
+            return False
+        if any(tuple(a.shape) != tuple(v.shape) or not np.all(np.isfinite(a))
+               for a, v in zip(arrays, self._velocity)):
+            return False
+        for variable, value in zip(self._velocity, arrays):
+            variable.assign(np.asarray(value, np.float32))
+        return True
+
     def clipped_gradient_sum(self, x, y) -> list[np.ndarray]:
         """Noise-free sum over examples of each example's gradient clipped to l2_norm_clip
         (global L2 norm over all trainable variables), in model.trainable_variables order."""

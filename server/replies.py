@@ -206,7 +206,9 @@ def update_bound(plan: RoundPlan, noise_multiplier: float, sampling_rate: float,
     is at most C / q; for the noise, ||z|| <= sqrt(d) + sqrt(2 ln(T / p)) with probability
     >= 1 - p over all T steps (Gaussian concentration of the norm, a 1-Lipschitz function,
     plus a union bound). Heavy-ball momentum keeps v_t = m v_{t-1} - lr g_t, so ||v_t|| <=
-    lr * max ||g|| / (1 - m), and T steps move the weights by at most T times that. Every
+    lr * max ||g|| / (1 - m) (by induction, also when v_0 is the velocity a hospital carries
+    over from its previous round, which obeyed the same bound), and T steps move the weights
+    by at most T times that. Every
     term comes from public settings and the hospital's own (public) privacy record; the
     bound is generous (it assumes the whole data set lands in every batch) but catches
     updates that no honest round could produce, such as weights of 1e30.

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dp_accounting
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--set", "hospitals=2", "--set", "train.batch_size=32", "--set", "model.filters=[8,16]",
@@ -101,3 +102,14 @@ def test_budget_of_one_stops_early_and_a_second_run_trains_nothing(tmp_path):
     assert "Ended on budget" in stdout
     audit = subprocess.run([sys.executable, "-m", "server.audit", str(second)], cwd=ROOT, capture_output=True, text=True)
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_each_hospital_carries_its_momentum_into_its_next_round(first_run):
+    """The momentum a hospital's round leaves is kept in its node's Flower state, not sent."""
+    run, _ = first_run
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    log = Path(config["privacy"]["odometer_dir"]) / "simulation.train-log.jsonl"
+    rounds = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["momentum_carried"] for r in rounds if r["round"] == 1] == [False, False]
+    assert [r["momentum_carried"] for r in rounds if r["round"] == 2] == [True, True]
+    assert "momentum" not in (run / "privacy_ledger.jsonl").read_text()
