@@ -38,7 +38,7 @@ FEDERATION = ["hospitals=5", "data.partition=dirichlet", "data.alpha=0.5"]
 
 def run(config, mode: str) -> dict:
     """Train `config`'s recipe in `mode` (fed | central | nonprivate); final central test scores."""
-    from common.dp_sgd import DPSGDEngine
+    from common.dp_sgd import DPSGDEngine, scheduled_learning_rate
     from common.federation import build_federation
     from common.metrics import evaluate_model
     from common.model import make_model
@@ -83,6 +83,8 @@ def run(config, mode: str) -> dict:
                 continue
             model.set_weights(weights)
             engine.set_velocity(velocities[i])
+            engine.learning_rate = scheduled_learning_rate(train.learning_rate, train.lr_schedule, round_number,
+                                                           config.rounds)
             engine.noise_multiplier = sigma
             engine.train(x, y, sampling_rate=q, steps=steps)
             velocities[i] = engine.velocity()

@@ -18,7 +18,7 @@ from client.odometer import SIMULATION_ODOMETER, OdometerError, PrivacyOdometer,
 from client.split import hospital_split
 from common.config import Config, ModelConfig
 from common.data import load_dataset
-from common.dp_sgd import DPSGDEngine
+from common.dp_sgd import DPSGDEngine, scheduled_learning_rate
 from common.errors import UserError
 from common.federation import load_federation
 from common.metrics import evaluate_model
@@ -57,12 +57,15 @@ class TrainSettings:
     local_epochs: float
     learning_rate: float
     momentum: float
+    lr_schedule: str  # "cosine" | "constant": the step size of each round (common.dp_sgd.scheduled_learning_rate)
     l2_norm_clip: float
     noise_multiplier: float | str  # a number, or "auto": the hospital plans its own (client-side)
     planned_rounds: int  # rounds the coordinator plans for this run; "auto" pays for all of them
 
     def __post_init__(self):
         # The coordinator sends these: refuse what the engine would refuse before anything is charged.
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise SettingsError(f"training setting lr_schedule={self.lr_schedule!r} is not cosine or constant")
         for name, ok in (("batch_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
                          ("local_epochs", lambda v: v > 0), ("learning_rate", lambda v: v > 0),
                          ("momentum", lambda v: 0 <= v < 1), ("l2_norm_clip", lambda v: v > 0),
@@ -77,7 +80,8 @@ class TrainSettings:
     @classmethod
     def from_config(cls, config: Config) -> "TrainSettings":
         return cls(config.train.batch_size, config.train.local_epochs, config.train.learning_rate,
-                   config.train.momentum, config.dp.l2_norm_clip, config.dp.noise_multiplier, config.rounds)
+                   config.train.momentum, config.train.lr_schedule, config.dp.l2_norm_clip,
+                   config.dp.noise_multiplier, config.rounds)
 
 
 @dataclass
@@ -328,6 +332,8 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
 
     model, engine = _prepared(config, site.train_x.shape[1:], site.num_classes, weights, settings)
     carried = engine.set_velocity(velocity)
+    engine.learning_rate = scheduled_learning_rate(settings.learning_rate, settings.lr_schedule, round_number,
+                                                   settings.planned_rounds)
     engine.noise_multiplier = event.noise_multiplier
     stats = engine.train(site.train_x, site.train_y, sampling_rate=event.sampling_rate, steps=event.steps)
     log.info("%s round %d: %d DP-SGD steps in %.2f s, local train loss %.4f (not released)",

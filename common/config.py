@@ -51,6 +51,8 @@ class TrainConfig:
     local_epochs: float = 1.0  # DP-SGD steps per round = ceil(local_epochs / q)
     learning_rate: float = 0.2  # SGD step size on the mean clipped gradient (0.5 and up diverged under DP)
     momentum: float = 0.9  # SGD momentum in [0, 1): post-processing of noisy gradients, no privacy cost
+    # cosine: round r of R trains at learning_rate * (1 + cos(pi (r-1) / R)) / 2; constant: always learning_rate
+    lr_schedule: str = "cosine"
     fraction_train: float = 1.0  # share of hospitals asked to train each round, in (0, 1]
     fraction_evaluate: float = 1.0  # share asked for federated evaluation each round, in [0, 1]
     aggregator: str = "fedavg"  # fedavg (weighted by examples) | median | trimmed_mean (coordinate-wise, robust)
@@ -100,6 +102,7 @@ CHOICES = {
     "model.normalization": ("none", "group"),
     "model.head": ("flatten", "avgpool"),
     "train.aggregator": ("fedavg", "median", "trimmed_mean"),
+    "train.lr_schedule": ("cosine", "constant"),
 }
 # (lowest, highest, lowest allowed itself?, highest allowed itself?)
 RANGES = {

@@ -126,7 +126,8 @@ class DPSGDEngine:
         # A variable, not a constant baked into the trace: with planned noise every hospital
         # has its own sigma, and one compiled step must serve them all.
         self._noise_multiplier = tf.Variable(float(noise_multiplier), trainable=False, dtype=tf.float32)
-        self.learning_rate = float(learning_rate)
+        # Also a variable: the step size follows a schedule over the rounds (set per round).
+        self._learning_rate = tf.Variable(float(learning_rate), trainable=False, dtype=tf.float32)
         self.momentum = float(momentum)
         self.jit_compile = bool(jit_compile)
         # One 128-bit secret when unseeded: the noise must not be predictable by anyone who
@@ -161,6 +162,16 @@ class DPSGDEngine:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"DPSGDEngine: bad noise_multiplier={value!r}")
         self._noise_multiplier.assign(float(value))
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self._learning_rate.numpy())
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"DPSGDEngine: bad learning_rate={value!r}")
+        self._learning_rate.assign(float(value))
 
     def reset_optimizer(self) -> None:
         """Zero the momentum, so a reused engine starts a new round afresh."""
@@ -306,10 +317,10 @@ class DPSGDEngine:
         for i, (v, s, z) in enumerate(zip(self._variables, sums, tf.split(noise, sizes))):
             grad = (s + tf.reshape(z, v.shape)) * scale
             if self._velocity is None:
-                v.assign_sub(self.learning_rate * grad)
+                v.assign_sub(self._learning_rate * grad)
             else:  # tf-keras legacy SGD: velocity = m*velocity - lr*g; w += velocity
                 vel = self._velocity[i]
-                vel.assign(self.momentum * vel - self.learning_rate * grad)
+                vel.assign(self.momentum * vel - self._learning_rate * grad)
                 v.assign_add(vel)
 
     def _clipped_sum(self, x, y, mask):
@@ -387,6 +398,21 @@ class DPSGDEngine:
         clip, finite = _clip_factors(sq, losses, self.l2_norm_clip)
         sums = [tf.tensordot(clip, _finite_rows(g, finite), 1) for g in per_ex]
         return sums, tf.reduce_sum(tf.where(finite, losses, 0.0))
+
+
+def scheduled_learning_rate(base: float, schedule: str, round_number: int, rounds: int) -> float:
+    """The step size of round `round_number` of `rounds`: never above `base`.
+
+    cosine (Loshchilov and Hutter 2017, per round): large steps while the model is far from
+    a solution, small ones at the end, where under DP noise a large step mostly moves the
+    weights by noise. Every round's rate is at most the base rate, which the coordinator's
+    bound on an honest update (server/replies.py) relies on."""
+    if schedule == "constant":
+        return base
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    progress = min(max(round_number - 1, 0), rounds) / max(rounds, 1)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _clip_factors(sq_norm, losses, clip_norm):

@@ -201,6 +201,7 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         "local_epochs": config.train.local_epochs,
         "learning_rate": config.train.learning_rate,
         "momentum": config.train.momentum,
+        "lr_schedule": config.train.lr_schedule,
         "l2_norm_clip": config.dp.l2_norm_clip,
         "noise_multiplier": config.dp.noise_multiplier,  # a number, or "auto": each hospital plans its own
         "planned_rounds": config.rounds,

@@ -394,3 +394,14 @@ def test_augmented_training_draws_fresh_views_and_trains():
                          augment_copies=4)
     stats = engine.train(np.clip(x, 0, 1), y, sampling_rate=0.5, steps=3)
     assert stats.steps == 3 and np.isfinite(stats.mean_loss)
+
+
+def test_the_cosine_schedule_starts_at_the_base_rate_and_never_exceeds_it():
+    from common.dp_sgd import scheduled_learning_rate
+
+    rates = [scheduled_learning_rate(0.2, "cosine", r, 20) for r in range(1, 21)]
+    assert rates[0] == pytest.approx(0.2) and rates[10] == pytest.approx(0.1)
+    assert all(a > b > 0 for a, b in zip(rates, rates[1:]))
+    assert scheduled_learning_rate(0.2, "constant", 19, 20) == 0.2
+    with pytest.raises(ValueError):
+        scheduled_learning_rate(0.2, "linear", 1, 20)

@@ -98,7 +98,8 @@ def _train_content(learning_rate=0.5):
     model = build_model((16, 16, 1), 2, (4,), 8)
     return RecordDict({"arrays": ArrayRecord(model.get_weights()), "config": ConfigRecord({
         "server-round": 1, "batch_size": 4, "local_epochs": 1.0, "learning_rate": learning_rate,
-        "momentum": 0.0, "l2_norm_clip": 1.0, "noise_multiplier": 1.0, "planned_rounds": 3})})
+        "momentum": 0.0, "lr_schedule": "constant", "l2_norm_clip": 1.0, "noise_multiplier": 1.0,
+        "planned_rounds": 3})})
 
 
 def _sent_bytes(reply) -> bytes:

@@ -11,7 +11,7 @@ def _plan_content(noise="auto", rounds=5, batch=8):
     from flwr.app import ConfigRecord, RecordDict
 
     return RecordDict({"config": ConfigRecord({
-        "batch_size": batch, "local_epochs": 1.0, "learning_rate": 0.2, "momentum": 0.9,
+        "batch_size": batch, "local_epochs": 1.0, "learning_rate": 0.2, "momentum": 0.9, "lr_schedule": "cosine",
         "l2_norm_clip": 1.0, "noise_multiplier": noise, "planned_rounds": rounds})})
 
 
