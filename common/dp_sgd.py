@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.augment import augmented_views
 from common.model import GroupNorm, model_input, per_example_loss
 from common.tf_setup import keras, tf
 
@@ -103,19 +102,16 @@ class DPSGDEngine:
     reproducible for tests. `jit_compile` selects XLA with fixed-size masked batches (True)
     or a graph whose batch dimension is left unknown (False, the default: faster here, see
     bench/DP_SGD_RESULTS.md). Either way no step retraces when the drawn size changes.
-    `augment_copies` K > 0 trains on K random views of every drawn example, their gradients
-    averaged before the clip (common/augment.py): same privacy, K times the compute.
     """
 
     def __init__(self, model, *, l2_norm_clip: float, noise_multiplier: float, learning_rate: float,
                  momentum: float = 0.0, seed: int | None = None, jit_compile: bool = False,
-                 memory_budget: int = 2**30, augment_copies: int = 0):
+                 memory_budget: int = 2**30):
         for name, value, ok in (
             ("l2_norm_clip", l2_norm_clip, l2_norm_clip > 0),
             ("noise_multiplier", noise_multiplier, noise_multiplier >= 0),
             ("learning_rate", learning_rate, learning_rate > 0),
             ("momentum", momentum, 0 <= momentum < 1),
-            ("augment_copies", augment_copies, isinstance(augment_copies, int) and augment_copies >= 0),
         ):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
                 raise ValueError(f"DPSGDEngine: bad {name}={value!r}")
@@ -133,19 +129,15 @@ class DPSGDEngine:
         # One 128-bit secret when unseeded: the noise must not be predictable by anyone who
         # sees the code, and numpy's default seeding is not meant for that.
         self._rng = np.random.Generator(np.random.PCG64(secrets.randbits(128) if seed is None else seed))
-        self.augment_copies = int(augment_copies)
-        self._copies = max(1, self.augment_copies)  # rows of the batch per drawn example
-        self._views = (tf.random.Generator.from_seed(int(self._rng.integers(0, 2**62)))
-                       if self.augment_copies else None)
         self._variables = list(model.trainable_variables)
         self._velocity = ([tf.Variable(tf.zeros_like(v), trainable=False) for v in self._variables]
                           if self.momentum else None)
-        self._plan, reason = _make_plan(model, self._variables, self._copies)
+        self._plan, reason = _make_plan(model, self._variables)
         self.fast_path = self._plan is not None
         # Examples processed at once: per-example terms (im2col patches, per-example kernels,
         # activations) grow with the image, so a 224 px batch of 256 would need ~15 GB.
         # Clipping is per example, so summing chunk by chunk is exact.
-        self.chunk_size = max(1, int(memory_budget // (self._copies * _per_example_bytes(model, self._plan))))
+        self.chunk_size = max(1, int(memory_budget // _per_example_bytes(model, self._plan)))
         if not self.fast_path:
             _warn_once(reason, f"DP-SGD: {reason}; using the slower per-example-gradient path "
                                "(tf.vectorized_map), which is exact but several times slower")
@@ -269,8 +261,6 @@ class DPSGDEngine:
 
         def accumulate(x_all, y_all, idx, mask=None):
             x, y = model_input(tf.gather(x_all, idx)), tf.gather(y_all, idx)
-            if self.augment_copies:
-                x, y = augmented_views(x, self._copies, self._views), tf.repeat(y, self._copies, axis=0)
             return self._clipped_sum(x, y, mask)
 
         def step(x_all, y_all, idx, mask, seed, scale):
@@ -324,10 +314,7 @@ class DPSGDEngine:
                 v.assign_add(vel)
 
     def _clipped_sum(self, x, y, mask):
-        """(clipped gradient sum per variable, summed loss) for one batch; mask zeroes padding.
-
-        x and y hold `self._copies` consecutive rows per example (its augmented views); mask
-        has one entry per example. An example's gradient is the mean over its rows."""
+        """(clipped gradient sum per variable, summed loss) for one batch; mask zeroes padding."""
         if self._plan is None:
             return self._clipped_sum_slow(x, y, mask)
         return self._clipped_sum_fast(x, y, mask)
@@ -353,20 +340,18 @@ class DPSGDEngine:
                     logits = z  # cross-entropy from logits: what Keras itself does, and stabler
                 h = layer.activation(z)
             losses = _loss_from_logits(y, logits, act) if logits is not None else per_example_loss(y, h)
-            copies = self._copies
             if mask is not None:
-                losses = losses * tf.repeat(mask, copies)
-            total = tf.reduce_sum(losses) / copies  # each example's loss: the mean over its views
+                losses = losses * mask
+            total = tf.reduce_sum(losses)
         grads = tape.gradient(total, [z for _, _, z in records])
-        losses = tf.reduce_mean(tf.reshape(losses, [-1, copies]), 1)
 
         sq_norm = tf.zeros_like(losses)
         finish = []  # per record: function of clip factors c -> {var index: clipped sum}
         for (p, a, _), g in zip(records, grads):
             if p.kind == "dense":
-                sq, fin = _dense_terms(p, a, g, copies)
+                sq, fin = _dense_terms(p, a, g)
             else:
-                sq, fin = _conv_terms(p, a, g, copies)
+                sq, fin = _conv_terms(p, a, g)
             sq_norm += sq
             finish.append(fin)
         clip, finite = _clip_factors(sq_norm, losses, self.l2_norm_clip)
@@ -380,17 +365,14 @@ class DPSGDEngine:
         variables = self._variables
         model = self.model
 
-        copies = self._copies
-
         def one_example(args):
-            xi, yi = args  # the example's views: (copies, ...)
+            xi, yi = args
             with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(per_example_loss(yi, model(xi, training=False)))
+                loss = tf.reduce_sum(per_example_loss(yi[None], model(xi[None], training=False)))
             grads = tape.gradient(loss, variables)
             return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)], loss
 
-        by_example = (tf.reshape(x, [-1, copies, *x.shape[1:]]), tf.reshape(y, [-1, copies, *y.shape[1:]]))
-        per_ex, losses = tf.vectorized_map(one_example, by_example)
+        per_ex, losses = tf.vectorized_map(one_example, (x, y))
         if mask is not None:
             per_ex = [g * tf.reshape(mask, [-1] + [1] * (g.shape.rank - 1)) for g in per_ex]
             losses = losses * mask
@@ -443,25 +425,14 @@ def _loss_from_logits(y, logits, activation):
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
 
 
-def _dense_terms(p, a, g, copies=1):
-    """Squared per-example norms and clipped-sum builder for a Dense layer on 2-D input.
-
-    With augmented views (copies > 1) an example's kernel gradient is sum_k a_k g_k^T over
-    its views, whose squared norm is sum_{k,l} (a_k . a_l)(g_k . g_l)."""
-    if copies == 1:
-        g_sq = tf.reduce_sum(tf.square(g), 1)  # (b,)
-        sq = tf.reduce_sum(tf.square(a), 1) * g_sq
-        if p.bias_index is not None:
-            sq += g_sq
-    else:
-        a3 = tf.reshape(a, [-1, copies, a.shape[-1]])
-        g3 = tf.reshape(g, [-1, copies, g.shape[-1]])
-        sq = tf.reduce_sum(tf.matmul(a3, a3, transpose_b=True) * tf.matmul(g3, g3, transpose_b=True), [1, 2])
-        if p.bias_index is not None:
-            sq += tf.reduce_sum(tf.square(tf.reduce_sum(g3, 1)), 1)
+def _dense_terms(p, a, g):
+    """Squared per-example norms and clipped-sum builder for a Dense layer on 2-D input."""
+    g_sq = tf.reduce_sum(tf.square(g), 1)  # (b,)
+    sq = tf.reduce_sum(tf.square(a), 1) * g_sq
+    if p.bias_index is not None:
+        sq += g_sq
 
     def finish(clip):
-        clip = tf.repeat(clip, copies)  # every view of an example scaled by its example's factor
         keep = clip > 0  # rows of non-finite examples are zeroed, inputs included (inf * 0 is NaN)
         cg = _finite_rows(g, keep) * clip[:, None]
         out = {p.kernel_index: tf.matmul(_finite_rows(a, keep), cg, transpose_a=True)}
@@ -472,26 +443,17 @@ def _dense_terms(p, a, g, copies=1):
     return sq, finish
 
 
-def _conv_terms(p, a, g, copies=1):
-    """Squared per-example norms and clipped-sum builder for a Conv2D layer (NHWC).
-
-    An example's augmented views (copies > 1) are treated as copies * T positions of one
-    example: its kernel gradient sums over all of them."""
+def _conv_terms(p, a, g):
+    """Squared per-example norms and clipped-sum builder for a Conv2D layer (NHWC)."""
     layer = p.layer
     kh, kw = layer.kernel_size
     sh, sw = layer.strides
     dh, dw = layer.dilation_rate
     padding = layer.padding.upper()
     out_ch = g.shape[-1]
-    b = tf.shape(a)[0] // copies
+    b = tf.shape(a)[0]
     patches, k_major = _patches(a, layer, g.shape[1], g.shape[2])
-    if copies > 1 and k_major:  # (b*copies, K, T) -> (b, K, copies*T)
-        k_dim, t = patches.shape[1], patches.shape[2]
-        patches = tf.reshape(tf.transpose(tf.reshape(patches, [b, copies, k_dim, t]), [0, 2, 1, 3]),
-                             [b, k_dim, copies * t])
-    elif copies > 1:  # (b*copies, T, K) -> (b, copies*T, K)
-        patches = tf.reshape(patches, [b, -1, patches.shape[-1]])
-    g_flat = tf.reshape(g, [b, -1, out_ch])  # (b, copies*T, O)
+    g_flat = tf.reshape(g, [b, -1, out_ch])  # (b, T, O)
     gb = None
     sq = 0.0
     if p.bias_index is not None:
@@ -509,10 +471,9 @@ def _conv_terms(p, a, g, copies=1):
     def finish(clip):
         keep = clip > 0  # rows of non-finite examples are zeroed, inputs included (inf * 0 is NaN)
         if p.ghost:
-            view_clip = tf.repeat(clip, copies)
             kernel = tf.raw_ops.Conv2DBackpropFilter(
-                input=_finite_rows(a, view_clip > 0), filter_sizes=tf.shape(layer.kernel),
-                out_backprop=_finite_rows(g, view_clip > 0) * view_clip[:, None, None, None],
+                input=_finite_rows(a, keep), filter_sizes=tf.shape(layer.kernel),
+                out_backprop=_finite_rows(g, keep) * clip[:, None, None, None],
                 strides=[1, sh, sw, 1], padding=padding, dilations=[1, dh, dw, 1])
         else:
             kernel = tf.reshape(tf.tensordot(clip, _finite_rows(per_ex_kernel, keep), 1), layer.kernel.shape)
@@ -549,7 +510,7 @@ def _patches(a, layer, h_out, w_out):
 # ---------------------------------------------------------------------- planning
 
 
-def _make_plan(model, variables, copies=1):
+def _make_plan(model, variables):
     """Layer plan for the fast path, or (None, reason) when the model needs the slow path."""
     if not isinstance(model, keras.Sequential):
         return None, f"model type {type(model).__name__} is not a keras.Sequential"
@@ -575,7 +536,7 @@ def _make_plan(model, variables, copies=1):
                 return None, f"Conv2D layer {layer.name} uses groups/channels_first/causal padding"
             kh, kw = layer.kernel_size
             _, h_out, w_out, out_ch = out_shape
-            t = h_out * w_out * copies  # an example's augmented views add positions
+            t = h_out * w_out
             k = kh * kw * in_shape[-1]
             # Per-example kernels cost one weight gradient's flops (t*k*o) and then make the
             # clipped sum almost free; the ghost norm adds t^2 (k + o) and still needs that

@@ -340,62 +340,6 @@ def test_uint8_images_are_scaled_like_floats():
                       engine.clipped_gradient_sum(pixels.astype(np.float32) / 255, y))
 
 
-def naive_view_averaged_sum(model, views, y, copies, clip):
-    """Augmentation multiplicity by the textbook: each example's gradient is the mean of its
-    views' gradients, then clipped; rows i*copies .. i*copies+copies-1 are example i's views."""
-    sums = [np.zeros(v.shape, np.float64) for v in model.trainable_variables]
-    norms = []
-    for i in range(len(y)):
-        rows = slice(i * copies, (i + 1) * copies)
-        with tf.GradientTape() as tape:
-            labels = np.repeat(y[i:i + 1], copies)
-            loss = tf.reduce_mean(per_example_loss(labels, model(views[rows], training=False)))
-        grads = tape.gradient(loss, model.trainable_variables)
-        norm = float(tf.linalg.global_norm(grads))
-        norms.append(norm)
-        for total, g in zip(sums, grads):
-            total += min(1.0, clip / norm) * g.numpy()
-    return sums, np.array(norms)
-
-
-@pytest.mark.parametrize("name", ["conv", "pooling", "binary16", "groupnorm_rgb"])
-def test_augmented_views_are_averaged_before_the_clip(name):
-    make, shape, classes = CASES[name]
-    tf.random.set_seed(2)
-    model = make()
-    copies = 3
-    views, _ = data(shape, classes, n=8 * copies, seed=5)
-    _, y = data(shape, classes, n=8, seed=6)
-    _, norms = naive_view_averaged_sum(model, views, y, copies, 1.0)
-    clip = clip_between(norms)
-    want, _ = naive_view_averaged_sum(model, views, y, copies, clip)
-    engine = DPSGDEngine(model, l2_norm_clip=clip, noise_multiplier=1.0, learning_rate=0.1, seed=0,
-                         augment_copies=copies)
-    assert engine.fast_path
-    view_labels = tf.constant(np.repeat(y, copies).astype(np.int32))
-    fast, _ = engine._clipped_sum_fast(tf.constant(views), view_labels, None)
-    assert_sums_close([s.numpy() for s in fast], want)
-    slow, _ = engine._clipped_sum_slow(tf.constant(views), view_labels, None)
-    assert_sums_close([s.numpy() for s in slow], want)
-
-
-def test_augmented_training_draws_fresh_views_and_trains():
-    from common.augment import augmented_views
-    images = tf.constant(np.random.default_rng(0).random((4, 16, 16, 1)).astype(np.float32))
-    views = augmented_views(images, 5, tf.random.Generator.from_seed(1)).numpy()
-    assert views.shape == (20, 16, 16, 1)
-    first = views[:5].reshape(5, -1)
-    assert len({row.tobytes() for row in first}) > 1  # views of one image differ
-    # every view is the image shifted by at most 2 px (and maybe mirrored): same pixel values
-    assert np.isin(np.round(views[:5], 6), np.round(images.numpy()[0], 6)).all()
-    model = build_model((16, 16, 1), 3, (4,), 8, normalization="group")
-    x, y = data((16, 16, 1), 3, n=40)
-    engine = DPSGDEngine(model, l2_norm_clip=1.0, noise_multiplier=0.5, learning_rate=0.1, seed=0,
-                         augment_copies=4)
-    stats = engine.train(np.clip(x, 0, 1), y, sampling_rate=0.5, steps=3)
-    assert stats.steps == 3 and np.isfinite(stats.mean_loss)
-
-
 def test_the_cosine_schedule_starts_at_the_base_rate_and_never_exceeds_it():
     from common.dp_sgd import scheduled_learning_rate
 
