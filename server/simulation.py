@@ -168,6 +168,38 @@ def app_directory(flwr_home: Path) -> Path:
     return app
 
 
+def drop_superseded_launches(root_pid: int) -> int:
+    """Kill every flwr-simulation process below `root_pid` but the newest; return how many.
+
+    Flower launches a new simulation process only when the previous one missed its first
+    heartbeat, and then revokes the old one's token: the old process can never run the
+    run, but it goes on importing (TensorFlow, Ray) and loading the machine, which makes
+    the next launch miss its heartbeat too. Left alone, a busy machine collected dozens of
+    them (2026-11-26, load 36); dropped at once, one launch at a time competes for the CPU.
+    """
+    import psutil
+
+    try:
+        below = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return 0
+    launched = []
+    for proc in below:
+        try:
+            if any(Path(part).name == "flwr-simulation" for part in proc.cmdline()[:3]):
+                launched.append((proc.create_time(), proc))
+        except psutil.Error:
+            continue
+    launched.sort(key=lambda pair: pair[0])
+    for _, proc in launched[:-1]:
+        try:
+            for part in [*proc.children(recursive=True), proc]:
+                part.kill()
+        except psutil.Error:
+            continue
+    return max(0, len(launched) - 1)
+
+
 class Simulation:
     """One private SuperLink (simulation mode) and one `flwr run`; everything they start ends with it."""
 
@@ -220,13 +252,16 @@ class Simulation:
         raise RuntimeError(f"flower-superlink did not answer within {STARTUP_TIMEOUT:.0f} s")
 
     def watch_for_relaunch_loop(self) -> None:
-        """In a thread: stop everything if Flower keeps relaunching a simulation that starts too slowly."""
+        """In a thread: drop superseded launches, and stop everything if Flower keeps relaunching
+        a simulation that starts too slowly."""
         import threading
 
         def watch():
             log_file = self.flwr_home / "superlink.log"
             while self.flwr_run is None or self.flwr_run.poll() is None:
                 time.sleep(2)
+                if self.superlink is not None:
+                    drop_superseded_launches(self.superlink.pid)
                 try:
                     failures = log_file.read_text(errors="replace").count(RELAUNCH_LOOP)
                 except OSError:
