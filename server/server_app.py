@@ -165,7 +165,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateFedAvg, grid: Grid, config,
-             context: Context):
+             context: Context, simulated: int):
     """Continue from a checkpoint: (global arrays, metrics so far, Flower run ids, first round to run)."""
     metrics = [m for m in saved.metrics if m["round"] <= saved.round]
     run.rewrite_metrics(metrics)
@@ -176,6 +176,19 @@ def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateF
         log.info("resume: %s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
     # Records written after the checkpoint (a round cut short) stay: continue after them.
     first_round = max([saved.round] + [r["round"] for r in ledger.records]) + 1
+    cut_short = checkpoint.started_round(run.checkpoint)
+    if not simulated and cut_short > saved.round:
+        # A deployed round whose messages left but that never completed: any hospital may have
+        # been charged for it, which only its next reply can show. Resume after it (never ask
+        # for the same round twice) with it marked as unledgered for every hospital it lacks.
+        for hospital in sorted({r["hospital"] for r in ledger.records}):
+            rounds = strategy.unledgered.setdefault(hospital, [])
+            if cut_short not in rounds and not any(r["round"] == cut_short and r["hospital"] == hospital
+                                                   for r in ledger.records):
+                rounds.append(cut_short)
+        log.info("resume: round %d was cut short; a charge any hospital made in it is ledgered as lost when it "
+                 "next replies", cut_short)
+        first_round = max(first_round, cut_short + 1)
     print(f"Resuming {run.path} after round {first_round - 1}.", flush=True)
     return ArrayRecord(saved.weights), metrics, saved.flower_runs + [context.run_id], first_round
 
@@ -195,7 +208,8 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
     flower_runs, metrics, first_round = [context.run_id], [], 1
     arrays = ArrayRecord(model.get_weights())
     if saved is not None:
-        arrays, metrics, flower_runs, first_round = _restore(saved, run, ledger, strategy, grid, config, context)
+        arrays, metrics, flower_runs, first_round = _restore(saved, run, ledger, strategy, grid, config, context,
+                                                             simulated)
     train_config = ConfigRecord({
         "batch_size": config.train.batch_size,
         "local_epochs": config.train.local_epochs,
@@ -233,6 +247,7 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
                 print(f"Stopping before round {server_round}: {reason}.", flush=True)
                 break
             round_started = time.time()
+            checkpoint.mark_started(run.checkpoint, server_round)
             arrays, record, outcome = _train_round(grid, strategy, server_round, arrays, train_config, config,
                                                    model, test_x, test_y)
             record["seconds"] = round(time.time() - round_started, 3)

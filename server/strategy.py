@@ -43,6 +43,11 @@ def failure_category(msg: Message) -> str:
     if reason.lower() in CATEGORIES:  # a ClientApp that reports its own category
         return reason.lower()
     lowered = reason.lower()
+    # A simulated hospital's Ray worker that died (killed, segfault): Ray's text lists the OOM
+    # killer among possible causes, so this comes before the memory words. Ray's own memory
+    # monitor raises OutOfMemoryError instead, which stays "out of memory".
+    if "actordiederror" in lowered or "rayactorerror" in lowered:
+        return "crash"
     if any(word in lowered for word in ("memoryerror", "out of memory", "resourceexhausted", "oom")):
         return "out of memory"
     if msg.error.code == ErrorCode.CLIENT_APP_CRASHED:

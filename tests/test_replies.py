@@ -216,6 +216,15 @@ def test_error_reply_categories():
     assert failure_category(reply(ErrorCode.CLIENT_APP_CRASHED, "worker died")) == "crash"
     assert failure_category(reply(ErrorCode.NODE_UNAVAILABLE, "")) == "timeout"
     assert failure_category(reply(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "<class 'MemoryError'>")) == "out of memory"
+    # A simulated hospital's Ray worker killed mid-round (Flower 1.42 reports code UNKNOWN with Ray's
+    # text, which lists the OOM killer among possible causes): a crash, not "out of memory".
+    died = ("<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly before finishing this task.\n"
+            "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
+            "detail: Worker unexpectedly exits with a connection error code 2. End of file. Some common causes "
+            "include: (1) the process was killed by the OOM killer due to high memory usage'>")
+    assert failure_category(reply(ErrorCode.UNKNOWN, died)) == "crash"
+    assert failure_category(reply(ErrorCode.UNKNOWN, "<class 'ray.exceptions.OutOfMemoryError'>:<'Task was killed "
+                                  "due to the node running low on memory.'>")) == "out of memory"
     assert failure_category(reply(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                   "UserError: privacy odometer /x/h.jsonl line 2 is unreadable")) == "odometer"
 
