@@ -10,6 +10,7 @@ asked for (`<run-dir>/STOP`, SIGINT, SIGTERM). `status.json` tells how the run e
 """
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -43,22 +44,33 @@ POLL_SECONDS = 1.0
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM (where this process receives them) or by the file <run-dir>/STOP."""
+    """Set by SIGINT/SIGTERM (where this process receives them) or by the file <run-dir>/STOP.
+
+    A deployed ServerApp (`flwr-serverapp`) also receives SIGINT from Flower when its parent,
+    the SuperExec, is gone (the SuperLink died): no round can complete without it and Flower's
+    Runtime API client would retry forever, so that signal stops the run now (`orphaned`); the
+    last checkpoint stands and `resume-dir` continues from it once a SuperLink is back.
+    """
 
     def __init__(self, stop_file: Path):
         self.stop_file = stop_file
         self.signalled = threading.Event()
         self.previous = {}
+        self.parent: int | None = None
+        self.orphaned = False
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (in simulation the process's owner does)
+        self.parent = os.getppid()
         for number in (signal.SIGINT, signal.SIGTERM):
             self.previous[number] = signal.signal(number, self._handle)
 
     def _handle(self, number, frame) -> None:
-        if self.signalled.is_set():  # a second Ctrl-C: stop now
+        self.orphaned = self.parent is not None and os.getppid() != self.parent
+        if self.signalled.is_set() or self.orphaned:  # a second Ctrl-C, or nothing left to finish a round with
             signal.signal(number, self.previous.get(number, signal.SIG_DFL))
+            self.signalled.set()
             raise KeyboardInterrupt
         self.signalled.set()
 
@@ -273,6 +285,10 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
                 break
     except KeyboardInterrupt:
         state, reason = "interrupted", f"interrupted during round {completed + 1}"
+        if stop.orphaned:
+            reason = (f"the SuperLink went away during round {completed + 1}; start it again and resume with "
+                      f"the run-config key resume-dir={run.path}")
+            print(f"Stopping: {reason}.", flush=True)
     except UserError as error:
         run.write_status(_status("failed", completed, strategy, str(error), exit_code=EXIT_BAD_INPUT))
         print(f"error: {error}", flush=True)

@@ -185,8 +185,9 @@ class PrivateFedAvg(FedAvg):
             accepted.append((weights, min(report.num_examples, self.declared[report.hospital])))
         for node, name in self.node_names.items():  # a known hospital whose node went away
             if self.connected is not None and int(node) not in self.connected:
+                # Named, but not noted as possibly charged: nothing was sent to it this round, so
+                # a charge its next reply shows belongs to a round it was asked to train.
                 outcome.failed[name] = "timeout"
-                self._note_missing(int(node), server_round)
                 log.info("round %d: %s's node is not connected", server_round, name)
         for node in self.sent_to:
             if node not in seen_nodes:

@@ -39,16 +39,17 @@ def _charged(odometer: Path, round_number: int) -> list[str]:
         return []
 
 
+def _command(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return ""
+
+
 def _ray_workers(pid: int) -> list[psutil.Process]:
     """The simulation's ClientApp workers (Ray actors) below the simulate.py process."""
-    workers = []
-    for proc in psutil.Process(pid).children(recursive=True):
-        try:
-            if " ".join(proc.cmdline()).startswith("ray::ClientAppActor"):
-                workers.append(proc)
-        except psutil.Error:
-            pass
-    return workers
+    return [proc for proc in psutil.Process(pid).children(recursive=True)
+            if _command(proc).startswith("ray::ClientAppActor")]
 
 
 def _poll(predicate, process, timeout: float, what: str):
@@ -72,7 +73,7 @@ def test_a_ray_worker_killed_mid_round_is_named_and_the_run_resumes_with_every_c
         # A round-2 charge is written before that hospital trains: its worker is busy now.
         victims = _poll(lambda: _charged(odometer, 2), process, 600, "a round-2 charge")
         workers = _poll(lambda: _ray_workers(process.pid), process, 60, "the Ray worker")
-        assert len(workers) == 1, [w.cmdline() for w in workers]
+        assert len(workers) == 1, [_command(w) for w in workers]
         workers[0].kill()  # SIGKILL: the hospital's worker process is gone
     except BaseException:
         _kill_tree(process.pid)
@@ -128,7 +129,7 @@ def test_sigterm_stops_at_the_round_boundary_leaves_no_process_and_resumes_like_
     try:
         _wait_for_round(process, run, 1)
         started = psutil.Process(process.pid).children(recursive=True)  # SuperLink, simulation, Ray ...
-        assert any(" ".join(p.cmdline()).startswith("ray::") for p in started if p.is_running())
+        assert any(_command(p).startswith("ray::") for p in started)
         os.kill(process.pid, signal.SIGTERM)  # what a service manager or `kill` sends
     except BaseException:
         _kill_tree(process.pid)
@@ -145,7 +146,7 @@ def test_sigterm_stops_at_the_round_boundary_leaves_no_process_and_resumes_like_
     assert (run / "model.keras").is_file()
     assert json.loads((run / "checkpoint" / "state.json").read_text())["round"] == stopped_after
     _, alive = psutil.wait_procs(started, timeout=30)
-    assert alive == [], [p.cmdline() for p in alive]  # no SuperLink, simulation or Ray process left
+    assert alive == [], [_command(p) for p in alive]  # no SuperLink, simulation or Ray process left
 
     process = _start(["--resume", str(run)], tmp_path, "resumed")
     code, out, err = _finish(process, tmp_path, "resumed")
