@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -46,37 +47,51 @@ POLL_SECONDS = 1.0
 class StopFlag:
     """Set by SIGINT/SIGTERM (where this process receives them) or by the file <run-dir>/STOP.
 
-    A deployed ServerApp (`flwr-serverapp`) also receives SIGINT from Flower when its parent,
-    the SuperExec, is gone (the SuperLink died): no round can complete without it and Flower's
-    Runtime API client would retry forever, so that signal stops the run now (`orphaned`); the
-    last checkpoint stands and `resume-dir` continues from it once a SuperLink is back.
+    A deployed ServerApp that Flower's SuperExec started (`flwr-serverapp --parent-pid`) also
+    watches that parent, as Flower does: when it is gone (the SuperLink died), no round can complete and Flower's
+    Runtime API client would retry forever, so `on_orphaned` records the run as interrupted and
+    the process ends at once. The last checkpoint stands; `resume-dir` continues from it once a
+    SuperLink is back.
     """
+
+    WATCH_SECONDS = 1.0
 
     def __init__(self, stop_file: Path):
         self.stop_file = stop_file
         self.signalled = threading.Event()
         self.previous = {}
-        self.parent: int | None = None
-        self.orphaned = False
+        self.on_orphaned = None  # called (from a watcher thread) before the process exits with 130
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (in simulation the process's owner does)
-        self.parent = os.getppid()
         for number in (signal.SIGINT, signal.SIGTERM):
             self.previous[number] = signal.signal(number, self._handle)
+        if "--parent-pid" not in sys.argv:
+            return  # not started by Flower's SuperExec (which Flower itself ends the process with)
+        parent = os.getppid()
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(self.WATCH_SECONDS)
+            try:
+                if self.on_orphaned is not None:
+                    self.on_orphaned()
+            finally:
+                os._exit(EXIT_INTERRUPTED)  # the main thread may be stuck retrying a SuperLink that is gone
+
+        threading.Thread(target=watch, name="hospital-fl-parent-watch", daemon=True).start()
 
     def _handle(self, number, frame) -> None:
-        self.orphaned = self.parent is not None and os.getppid() != self.parent
-        if self.signalled.is_set() or self.orphaned:  # a second Ctrl-C, or nothing left to finish a round with
+        if self.signalled.is_set():  # a second Ctrl-C: stop now
             signal.signal(number, self.previous.get(number, signal.SIG_DFL))
-            self.signalled.set()
             raise KeyboardInterrupt
         self.signalled.set()
 
     def restore(self) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+        self.on_orphaned = None
 
     def requested(self) -> bool:
         return self.signalled.is_set() or self.stop_file.exists()
@@ -240,6 +255,13 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         checkpoint.save(run.checkpoint, checkpoint.Checkpoint(round_number, arrays.to_numpy_ndarrays(),
                                                               strategy.state(), metrics, flower_runs))
 
+    def orphaned() -> None:
+        reason = (f"the SuperLink went away during round {completed + 1}; start it again and resume with the "
+                  f"run-config key resume-dir={run.path}")
+        log.info("stopping: %s", reason)
+        run.write_status(_status("interrupted", completed, strategy, reason, exit_code=EXIT_INTERRUPTED))
+
+    stop.on_orphaned = orphaned
     run.write_status(_status("running", completed, strategy, "the run has not finished", exit_code=EXIT_WITH_PROBLEMS))
     save_checkpoint(completed)
     print(f"Run directory: {run.path}", flush=True)
@@ -285,10 +307,6 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
                 break
     except KeyboardInterrupt:
         state, reason = "interrupted", f"interrupted during round {completed + 1}"
-        if stop.orphaned:
-            reason = (f"the SuperLink went away during round {completed + 1}; start it again and resume with "
-                      f"the run-config key resume-dir={run.path}")
-            print(f"Stopping: {reason}.", flush=True)
     except UserError as error:
         run.write_status(_status("failed", completed, strategy, str(error), exit_code=EXIT_BAD_INPUT))
         print(f"error: {error}", flush=True)

@@ -176,7 +176,7 @@ def test_deploy_superlink_killed_the_run_stops_and_resumes_on_a_restarted_superl
         first = fed.start_run(f'run-dir="{fed.run_dir}"', f'config-path="{fed.config}"')
         wait_for(lambda: _checkpointed_round(fed.run_dir) >= 1, 600, 0.5, "round 1 to finish")
         # The SuperLink process dies (SIGKILL) while round 2 is under way. Its SuperExec and the
-        # ServerApp are left: Flower signals the ServerApp, which must end on its own, not wait forever.
+        # ServerApp are left: they must end on their own, not retry forever, and say why.
         below = psutil.Process(fed.superlink.popen.pid).children(recursive=True)
         assert any("flwr-serverapp" in " ".join(p.cmdline()) for p in below), [p.cmdline() for p in below]
         fed.superlink.popen.kill()
@@ -188,7 +188,6 @@ def test_deploy_superlink_killed_the_run_stops_and_resumes_on_a_restarted_superl
         assert status["state"] == "interrupted" and status["exit_code"] == 130, status
         assert "the SuperLink went away during round" in status["reason"], status
         assert status["rounds_completed"] == _checkpointed_round(fed.run_dir) >= killed_after, status
-        assert (fed.run_dir / "model.keras").is_file()
 
         fed.start_superlink()  # same database: the hospitals' registrations stand, they reconnect
         resumed = fed.start_run(f'resume-dir="{fed.run_dir}"', f'config-path="{fed.config}"')
