@@ -48,10 +48,11 @@ class StopFlag:
     """Set by SIGINT/SIGTERM (where this process receives them) or by the file <run-dir>/STOP.
 
     A deployed ServerApp that Flower's SuperExec started (`flwr-serverapp --parent-pid`) also
-    watches that parent, as Flower does: when it is gone (the SuperLink died), no round can complete and Flower's
-    Runtime API client would retry forever, so `on_orphaned` records the run as interrupted and
-    the process ends at once. The last checkpoint stands; `resume-dir` continues from it once a
-    SuperLink is back.
+    watches that parent, as Flower does: when it is gone (the SuperLink died), no round can
+    complete and Flower's Runtime API client would retry forever (Flower's own parent monitor
+    only raises SIGINT, which here asks for a stop after the round). So `on_orphaned` records
+    the run as interrupted and the process ends at once. The last checkpoint stands;
+    `resume-dir` continues from it once a SuperLink is back.
     """
 
     WATCH_SECONDS = 1.0
