@@ -12,7 +12,11 @@ either holds, so no (round, hospital) appears twice. Charges a simulated hospita
 this run directory's Flower runs that the ledger does not hold (its reply was lost when the
 run stopped) are read from its odometer file and ledgered as status "lost": they stand.
 In deployment the coordinator cannot read odometers; there the hospital's next reply shows
-the spend and server/strategy.py ledgers the lost rounds it explains.
+the spend and server/strategy.py ledgers the lost rounds it explains. For that, the
+coordinator writes `started.json` (the round number) before it sends a round's messages: a
+deployed run cut short in that round (the SuperLink or the coordinator killed) resumes after
+it, with the round marked as possibly charged for every hospital, so a charge made then is
+ledgered as lost when the hospital next replies, and the round is not asked for twice.
 """
 from __future__ import annotations
 
@@ -53,6 +57,21 @@ def save(directory: Path, checkpoint: Checkpoint) -> None:
     for old in directory.glob("weights-*.npz"):
         if old.name != name:
             old.unlink(missing_ok=True)
+
+
+def mark_started(directory: Path, round_number: int) -> None:
+    """Before a round's messages leave: the round that may have charged the hospitals."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / "started.json", json.dumps({"round": round_number}).encode())
+
+
+def started_round(directory: Path) -> int:
+    """The last round whose messages were sent (0 if none, or unreadable)."""
+    try:
+        value = json.loads((directory / "started.json").read_text())["round"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def load(directory: Path) -> Checkpoint:

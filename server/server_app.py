@@ -10,7 +10,9 @@ asked for (`<run-dir>/STOP`, SIGINT, SIGTERM). `status.json` tells how the run e
 """
 import json
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -43,18 +45,43 @@ POLL_SECONDS = 1.0
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM (where this process receives them) or by the file <run-dir>/STOP."""
+    """Set by SIGINT/SIGTERM (where this process receives them) or by the file <run-dir>/STOP.
+
+    A deployed ServerApp that Flower's SuperExec started (`flwr-serverapp --parent-pid`) also
+    watches that parent, as Flower does: when it is gone (the SuperLink died), no round can
+    complete and Flower's Runtime API client would retry forever (Flower's own parent monitor
+    only raises SIGINT, which here asks for a stop after the round). So `on_orphaned` records
+    the run as interrupted and the process ends at once. The last checkpoint stands;
+    `resume-dir` continues from it once a SuperLink is back.
+    """
+
+    WATCH_SECONDS = 1.0
 
     def __init__(self, stop_file: Path):
         self.stop_file = stop_file
         self.signalled = threading.Event()
         self.previous = {}
+        self.on_orphaned = None  # called (from a watcher thread) before the process exits with 130
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (in simulation the process's owner does)
         for number in (signal.SIGINT, signal.SIGTERM):
             self.previous[number] = signal.signal(number, self._handle)
+        if "--parent-pid" not in sys.argv:
+            return  # not started by Flower's SuperExec (which Flower itself ends the process with)
+        parent = os.getppid()
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(self.WATCH_SECONDS)
+            try:
+                if self.on_orphaned is not None:
+                    self.on_orphaned()
+            finally:
+                os._exit(EXIT_INTERRUPTED)  # the main thread may be stuck retrying a SuperLink that is gone
+
+        threading.Thread(target=watch, name="hospital-fl-parent-watch", daemon=True).start()
 
     def _handle(self, number, frame) -> None:
         if self.signalled.is_set():  # a second Ctrl-C: stop now
@@ -65,6 +92,7 @@ class StopFlag:
     def restore(self) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+        self.on_orphaned = None
 
     def requested(self) -> bool:
         return self.signalled.is_set() or self.stop_file.exists()
@@ -165,7 +193,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateFedAvg, grid: Grid, config,
-             context: Context):
+             context: Context, simulated: int):
     """Continue from a checkpoint: (global arrays, metrics so far, Flower run ids, first round to run)."""
     metrics = [m for m in saved.metrics if m["round"] <= saved.round]
     run.rewrite_metrics(metrics)
@@ -176,6 +204,19 @@ def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateF
         log.info("resume: %s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
     # Records written after the checkpoint (a round cut short) stay: continue after them.
     first_round = max([saved.round] + [r["round"] for r in ledger.records]) + 1
+    cut_short = checkpoint.started_round(run.checkpoint)
+    if not simulated and cut_short > saved.round:
+        # A deployed round whose messages left but that never completed: any hospital may have
+        # been charged for it, which only its next reply can show. Resume after it (never ask
+        # for the same round twice) with it marked as unledgered for every hospital it lacks.
+        for hospital in sorted({r["hospital"] for r in ledger.records}):
+            rounds = strategy.unledgered.setdefault(hospital, [])
+            if cut_short not in rounds and not any(r["round"] == cut_short and r["hospital"] == hospital
+                                                   for r in ledger.records):
+                rounds.append(cut_short)
+        log.info("resume: round %d was cut short; a charge any hospital made in it is ledgered as lost when it "
+                 "next replies", cut_short)
+        first_round = max(first_round, cut_short + 1)
     print(f"Resuming {run.path} after round {first_round - 1}.", flush=True)
     return ArrayRecord(saved.weights), metrics, saved.flower_runs + [context.run_id], first_round
 
@@ -195,7 +236,8 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
     flower_runs, metrics, first_round = [context.run_id], [], 1
     arrays = ArrayRecord(model.get_weights())
     if saved is not None:
-        arrays, metrics, flower_runs, first_round = _restore(saved, run, ledger, strategy, grid, config, context)
+        arrays, metrics, flower_runs, first_round = _restore(saved, run, ledger, strategy, grid, config, context,
+                                                             simulated)
     train_config = ConfigRecord({
         "batch_size": config.train.batch_size,
         "local_epochs": config.train.local_epochs,
@@ -215,6 +257,13 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         checkpoint.save(run.checkpoint, checkpoint.Checkpoint(round_number, arrays.to_numpy_ndarrays(),
                                                               strategy.state(), metrics, flower_runs))
 
+    def orphaned() -> None:
+        reason = (f"the SuperLink went away during round {completed + 1}; start it again and resume with the "
+                  f"run-config key resume-dir={run.path}")
+        log.info("stopping: %s", reason)
+        run.write_status(_status("interrupted", completed, strategy, reason, exit_code=EXIT_INTERRUPTED))
+
+    stop.on_orphaned = orphaned
     run.write_status(_status("running", completed, strategy, "the run has not finished", exit_code=EXIT_WITH_PROBLEMS))
     save_checkpoint(completed)
     print(f"Run directory: {run.path}", flush=True)
@@ -234,6 +283,7 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
                 print(f"Stopping before round {server_round}: {reason}.", flush=True)
                 break
             round_started = time.time()
+            checkpoint.mark_started(run.checkpoint, server_round)
             arrays, record, outcome = _train_round(grid, strategy, server_round, arrays, train_config, config,
                                                    model, test_x, test_y)
             record["seconds"] = round(time.time() - round_started, 3)

@@ -10,8 +10,8 @@ Flower Configuration naming it (in a private FLWR_HOME, so the user's own
 `~/.flwr/config.toml` is never touched), then `flwr run APP CONNECTION --stream` with
 `--federation-config num-supernodes=<hospitals>` and the resolved config as `--run-config`.
 The ServerApp's round lines are shown as they arrive; Flower's own INFO chatter is kept in
-`<run-dir>/flower.log`. Ctrl-C once asks the ServerApp to stop after the round (`<run-dir>/STOP`);
-twice stops everything now. The exit code is the ServerApp's (`<run-dir>/status.json`), 2 for
+`<run-dir>/flower.log`. Ctrl-C or SIGTERM once asks the ServerApp to stop after the round
+(`<run-dir>/STOP`); twice stops everything now. The exit code is the ServerApp's (`<run-dir>/status.json`), 2 for
 bad input, 130 when interrupted.
 """
 from __future__ import annotations
@@ -37,8 +37,10 @@ APP_PACKAGES = ("server", "client", "common", "configs")  # what an installed ap
 # The package's copy of pyproject.toml when installed from a wheel (see pyproject's force-include).
 INSTALLED_APP_TOML = ROOT / "server" / "flower_app" / "pyproject.toml"
 # Flower's INFO lines repeat what the round lines say; they go to flower.log, not the terminal.
+# Ray's raylet lines (a worker that died, with its PID and exit details) likewise: the round
+# line names the hospital and its failure category.
 FLOWER_CHATTER = re.compile(r"^(\x1b\[[0-9;]*m)*(INFO|DEBUG)\b|Since flwr 1\.32|^Successfully (started run|installed)"
-                            r"|^Using SuperLink: ")
+                            r"|^Using SuperLink: |^(\x1b\[[0-9;]*m)*\(raylet\)")
 STARTUP_TIMEOUT = 60.0  # seconds to wait for the private SuperLink to answer
 # Flower 1.42 gives its simulation process 30 s from launch to its first heartbeat; one that
 # starts slower (it imports TensorFlow; a very busy machine) is relaunched, forever. The
@@ -215,6 +217,7 @@ class Simulation:
         self.run_id: int | None = None
         self.transcript: list[str] = []
         self.stop_requests = 0
+        self.server_started = False  # the ServerApp has opened the run directory
         self.stalled = False
         self.saved_config: bytes | None = None
 
@@ -310,19 +313,25 @@ class Simulation:
             self.transcript.append(line)
             if self.run_id is None and (found := re.search(r"Successfully started run (\d+)", line)):
                 self.run_id = int(found.group(1))
+            if line.startswith("Run directory:"):
+                self.server_started = True
             if self.verbose or not FLOWER_CHATTER.search(line):
                 show(line)
         return self.flwr_run.wait()
 
-    def request_stop(self) -> None:
-        """Ctrl-C: once asks for a stop after this round (the STOP file); twice stops now."""
+    def request_stop(self, how: str = "Ctrl-C") -> None:
+        """Ctrl-C or SIGTERM: once asks for a stop after this round (the STOP file); twice stops now.
+
+        Before the ServerApp has opened the run directory there is no round to finish (and a
+        STOP file would make a new run's directory look taken): the first request stops now.
+        """
         self.stop_requests += 1
-        if self.stop_requests == 1:
+        if self.stop_requests == 1 and self.server_started:
             try:
                 (self.out / "STOP").touch()
             except OSError:
                 pass
-            print("\nstopping after this round (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+            print(f"\nstopping after this round ({how} again to stop now)", file=sys.stderr, flush=True)
         else:
             print("\nstopping now", file=sys.stderr, flush=True)
             self.shutdown()
@@ -458,7 +467,9 @@ def main(argv=None) -> int:
 
     simulation = Simulation(config, resolved, out, bool(args.resume), args.verbose)
     progress = None
-    previous = signal.signal(signal.SIGINT, lambda *_: simulation.request_stop())
+    # Ctrl-C and SIGTERM (a service manager, `kill`) stop the same way: after the round, then now.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: simulation.request_stop("Ctrl-C")),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: simulation.request_stop("SIGTERM or Ctrl-C"))}
     try:
         simulation.start_superlink()
         progress = Progress(config.rounds)
@@ -478,7 +489,8 @@ def main(argv=None) -> int:
         if progress is not None:
             progress.close()
         simulation.cleanup()
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if simulation.stalled:
         print("error: Flower's simulation process took longer than the 30 s Flower 1.42 allows it to start "
               "(it imports TensorFlow; the machine is very busy) and was relaunched again and again: "

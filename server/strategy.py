@@ -43,6 +43,11 @@ def failure_category(msg: Message) -> str:
     if reason.lower() in CATEGORIES:  # a ClientApp that reports its own category
         return reason.lower()
     lowered = reason.lower()
+    # A simulated hospital's Ray worker that died (killed, segfault): Ray's text lists the OOM
+    # killer among possible causes, so this comes before the memory words. Ray's own memory
+    # monitor raises OutOfMemoryError instead, which stays "out of memory".
+    if "actordiederror" in lowered or "rayactorerror" in lowered:
+        return "crash"
     if any(word in lowered for word in ("memoryerror", "out of memory", "resourceexhausted", "oom")):
         return "out of memory"
     if msg.error.code == ErrorCode.CLIENT_APP_CRASHED:
@@ -180,8 +185,9 @@ class PrivateFedAvg(FedAvg):
             accepted.append((weights, min(report.num_examples, self.declared[report.hospital])))
         for node, name in self.node_names.items():  # a known hospital whose node went away
             if self.connected is not None and int(node) not in self.connected:
+                # Named, but not noted as possibly charged: nothing was sent to it this round, so
+                # a charge its next reply shows belongs to a round it was asked to train.
                 outcome.failed[name] = "timeout"
-                self._note_missing(int(node), server_round)
                 log.info("round %d: %s's node is not connected", server_round, name)
         for node in self.sent_to:
             if node not in seen_nodes:

@@ -216,6 +216,15 @@ def test_error_reply_categories():
     assert failure_category(reply(ErrorCode.CLIENT_APP_CRASHED, "worker died")) == "crash"
     assert failure_category(reply(ErrorCode.NODE_UNAVAILABLE, "")) == "timeout"
     assert failure_category(reply(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "<class 'MemoryError'>")) == "out of memory"
+    # A simulated hospital's Ray worker killed mid-round (Flower 1.42 reports code UNKNOWN with Ray's
+    # text, which lists the OOM killer among possible causes): a crash, not "out of memory".
+    died = ("<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly before finishing this task.\n"
+            "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
+            "detail: Worker unexpectedly exits with a connection error code 2. End of file. Some common causes "
+            "include: (1) the process was killed by the OOM killer due to high memory usage'>")
+    assert failure_category(reply(ErrorCode.UNKNOWN, died)) == "crash"
+    assert failure_category(reply(ErrorCode.UNKNOWN, "<class 'ray.exceptions.OutOfMemoryError'>:<'Task was killed "
+                                  "due to the node running low on memory.'>")) == "out of memory"
     assert failure_category(reply(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                   "UserError: privacy odometer /x/h.jsonl line 2 is unreadable")) == "odometer"
 
@@ -296,3 +305,21 @@ def test_the_superlinks_error_reply_for_a_vanished_node_names_that_node(tmp_path
     assert lost.metadata.reply_to_message_id == "m-42" and lost.metadata.src_node_id == SUPERLINK_NODE_ID
     _, outcome = fed.run([fed.honest("hospital-0"), fed.honest("hospital-1"), lost])
     assert outcome.failed == {"hospital-2": "timeout"} and not outcome.rejected, outcome
+
+
+def test_a_charge_lost_before_a_node_went_away_is_ledgered_under_the_round_it_was_asked(tmp_path):
+    """Charged in round 2, then gone (round 3 is not sent to it), back in round 4."""
+    fed = Federation(tmp_path)
+    fed.run([fed.honest(n) for n in NODES])
+    fed.honest("hospital-2")  # round 2: charged, but its reply never arrives
+    fed.strategy.connected = set(NODES.values())
+    _, outcome = fed.run([fed.honest("hospital-0"), fed.honest("hospital-1")])
+    assert outcome.failed == {"hospital-2": "timeout"}
+    fed.strategy.connected = {NODES["hospital-0"], NODES["hospital-1"]}  # round 3: its node is not connected
+    _, outcome = fed.run([fed.honest("hospital-0"), fed.honest("hospital-1")], sent=["hospital-0", "hospital-1"])
+    assert outcome.failed == {"hospital-2": "timeout"}
+    fed.strategy.connected = set(NODES.values())  # round 4: back, its reply shows round 2's charge
+    _, outcome = fed.run([fed.honest(n) for n in NODES])
+    assert sorted(outcome.trained) == sorted(NODES) and not outcome.rejected, outcome
+    own = [(r["round"], r["status"]) for r in fed.ledger.records if r["hospital"] == "hospital-2"]
+    assert own == [(1, "trained"), (2, "lost"), (4, "trained")]
