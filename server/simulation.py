@@ -185,10 +185,15 @@ def drop_superseded_launches(root_pid: int) -> int:
         below = psutil.Process(root_pid).children(recursive=True)
     except psutil.Error:
         return 0
+    def is_simulation(proc) -> bool:
+        return any(Path(part).name == "flwr-simulation" for part in proc.cmdline()[:3])
+
     launched = []
     for proc in below:
         try:
-            if any(Path(part).name == "flwr-simulation" for part in proc.cmdline()[:3]):
+            # A launch is started by Flower's SuperExec; a process forked by a launch carries
+            # the same command line until it execs, and must not count as a newer launch.
+            if is_simulation(proc) and not (proc.parent() and is_simulation(proc.parent())):
                 launched.append((proc.create_time(), proc))
         except psutil.Error:
             continue

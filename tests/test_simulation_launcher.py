@@ -11,7 +11,9 @@ def test_only_the_newest_simulation_launch_survives(tmp_path):
     # A stand-in for the SuperLink's tree on a busy machine: three launches of "flwr-simulation",
     # one after another, the older ones still running; and a bystander that must be left alone.
     launch = tmp_path / "flwr-simulation"
-    launch.write_text("sleep 60\n")
+    # Each launch forks a child that keeps its command line (as a fork does before exec):
+    # the child is part of its launch, not a newer launch.
+    launch.write_text("(sleep 60; true) & sleep 60\n")
     bystander = tmp_path / "flower-superexec"
     bystander.write_text("sleep 60\n")
     root = subprocess.Popen(["sh", "-c", f"sh {bystander} & sh {launch} & sleep 0.3; sh {launch} & sleep 0.3; "
