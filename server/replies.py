@@ -80,14 +80,14 @@ def _record(content, key: str) -> dict:
 
 
 def _number(values: dict, key: str, low: float | None = None, high: float | None = None,
-            low_ok: bool = True, high_ok: bool = True) -> float:
+            low_ok: bool = True, high_ok: bool = True, infinity_ok: bool = False) -> float:
     if key not in values:
         raise Rejected(f"reply lacks '{key}'")
     value = values[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Rejected(f"'{key}' must be a number")
     value = float(value)
-    if not math.isfinite(value):
+    if not math.isfinite(value) and not (infinity_ok and value == math.inf):
         raise Rejected(f"'{key}' is not finite")
     if low is not None and (value < low or (value == low and not low_ok)):
         raise Rejected(f"'{key}' = {value:.6g} is below its range ({'>=' if low_ok else '>'} {low:g})")
@@ -163,7 +163,9 @@ def read_privacy(content, plan: RoundPlan) -> PrivacyReport:
     can_train_again = _integer(metrics, "can-train-again", 0)
     if can_train_again > 1:
         raise Rejected("'can-train-again' must be 0 or 1")
-    epsilon_needed = _number(metrics, "epsilon-needed", 0)
+    # What one more round would cost in total: +inf is an honest answer (at a tiny sigma the
+    # accountant gives no finite epsilon at this delta), and the value is only ever shown.
+    epsilon_needed = _number(metrics, "epsilon-needed", 0, infinity_ok=True)
 
     expected_q = sampling_rate_for(plan.batch_size, num_examples)
     if not math.isclose(q, expected_q, rel_tol=1e-9):

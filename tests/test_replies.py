@@ -94,6 +94,15 @@ def test_honest_round_is_ledgered_and_averaged(tmp_path):
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], fed.strategy.reference[0] + 0.01, rtol=1e-5)
 
 
+def test_an_infinite_cost_of_one_more_round_is_an_honest_answer(tmp_path):
+    # A huge budget planned to a tiny sigma: the accountant has no finite epsilon for another round.
+    fed = Federation(tmp_path)
+    replies = [fed.honest(n) for n in NODES]
+    replies[0].content["metrics"]["epsilon-needed"] = math.inf
+    _, outcome = fed.run(replies)
+    assert sorted(outcome.trained) == sorted(NODES) and not outcome.rejected
+
+
 def _set(section, key, value):
     def mutate(msg):
         msg.content[section][key] = value
@@ -129,6 +138,7 @@ HOSTILE = {
     "missing steps": (_drop("metrics", "steps"), "lacks 'steps'"),
     "missing can-train-again": (_drop("metrics", "can-train-again"), "lacks 'can-train-again'"),
     "missing epsilon-needed": (_drop("metrics", "epsilon-needed"), "lacks 'epsilon-needed'"),
+    "epsilon-needed NaN": (_set("metrics", "epsilon-needed", math.nan), "'epsilon-needed' is not finite"),
     "prior-events not JSON": (_set("privacy", "prior-events", "{not json"), "not valid JSON"),
     "prior-events deeply nested": (_set("privacy", "prior-events", "[" * 100000 + "]" * 100000), "JSON"),
     "prior-events with zero noise": (_set("privacy", "prior-events", json.dumps(
