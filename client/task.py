@@ -236,7 +236,7 @@ def _prepared(config: Config, input_shape, num_classes, weights, settings):
     model, engine = _trainer(tuple(input_shape), num_classes, model_json,
                              settings.l2_norm_clip, settings.learning_rate, settings.momentum)
     model.set_weights(weights)
-    engine.reset_optimizer()  # momentum must not carry over from another round or hospital
+    engine.reset_optimizer()  # never another hospital's momentum: train_round sets this one's own
     return model, engine
 
 
