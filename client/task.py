@@ -236,7 +236,6 @@ def _prepared(config: Config, input_shape, num_classes, weights, settings):
     model, engine = _trainer(tuple(input_shape), num_classes, model_json,
                              settings.l2_norm_clip, settings.learning_rate, settings.momentum)
     model.set_weights(weights)
-    engine.reset_optimizer()  # never another hospital's momentum: train_round sets this one's own
     return model, engine
 
 
@@ -331,7 +330,7 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
                             epsilon_needed=epsilon_after)
 
     model, engine = _prepared(config, site.train_x.shape[1:], site.num_classes, weights, settings)
-    carried = engine.set_velocity(velocity)
+    carried = engine.set_velocity(velocity)  # zeros first: never another hospital's momentum
     engine.learning_rate = scheduled_learning_rate(settings.learning_rate, settings.lr_schedule, round_number,
                                                    settings.planned_rounds)
     engine.noise_multiplier = event.noise_multiplier
