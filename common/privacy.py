@@ -99,7 +99,14 @@ def _epsilon(groups, delta: float, accountant: str) -> float:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in groups):
         return math.inf
-    tracker = PLDAccountant() if accountant == "pld" else RdpAccountant()
+    if accountant == "pld":
+        tracker = PLDAccountant()
+    elif accountant == "pld-coarse":
+        tracker = PLDAccountant(value_discretization_interval=COARSE_PLD_INTERVAL)
+    elif accountant == "rdp-integer":
+        tracker = RdpAccountant(orders=INTEGER_RDP_ORDERS)
+    else:
+        tracker = RdpAccountant()
     return float(tracker.compose(_dp_event(groups)).get_epsilon(delta))
 
 
@@ -111,6 +118,20 @@ def epsilon(events: list[PrivacyEvent], delta: float, accountant: str = "pld") -
 # ---------------------------------------------------------------------- planning the noise
 
 MAX_NOISE = 50.0  # the bisection's upper end
+# The lower end. Below sigma 0.5 a plan's epsilon runs into the hundreds (no budget a privacy
+# officer signs) and the ledger's PLD accountant needs minutes and gigabytes per hospital
+# (sigma 0.07 for a budget of 1000 took ~13 GB). A plan never goes lower: a huge budget is
+# then underspent, which is the safe side.
+MIN_NOISE = 0.5
+# The search's upper end comes from RDP at integer orders only: a valid bound (any set of
+# orders is), as tight as the default orders where plans land, and ~10x faster than the
+# default's fractional orders at large q.
+INTEGER_RDP_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256, 512, 1024)
+# The plan's search runs on a PLD grid 10x coarser than the ledger's (1e-4): about 8x faster
+# (0.03 s a call instead of 0.2-0.3 s), and within 1e-4 of the fine figure at the budgets
+# we plan for. It only steers the search; the plan's sigma is accepted by the ledger's own
+# accountant alone.
+COARSE_PLD_INTERVAL = 1e-3
 
 
 def useful_noise_limit(batch_size: int) -> float:
@@ -160,9 +181,10 @@ def _plan_noise(prior: tuple[PrivacyEvent, ...], sampling_rate: float, steps_per
     coordinator samples hospitals), composes that with its earlier spend `prior`, and asks
     the same PLD accountant as the ledger. Epsilon falls as sigma grows, so a bisection
     works. RDP is always at least the PLD figure, so the sigma that RDP needs is a valid
-    upper end and a cheap first guess; PLD (~0.5 s a call) then narrows it down. The result
-    is rounded up to 4 significant digits and checked once more with PLD, so the plan never
-    rests on a rounding in the hospital's disfavour. None when no sigma up to `max_noise`
+    upper end and a cheap first guess; PLD on a coarse grid then narrows it down. The result
+    is rounded up to 4 significant digits and must pass the ledger's own PLD accountant (it is
+    raised until it does), so the plan never rests on the coarse grid or on a rounding in the
+    hospital's disfavour. Never below MIN_NOISE. None when no sigma up to `max_noise`
     fits: the budget left cannot fund a useful round.
     """
     if rounds < 1 or steps_per_round < 1:
@@ -173,33 +195,36 @@ def _plan_noise(prior: tuple[PrivacyEvent, ...], sampling_rate: float, steps_per
     def fits(sigma, accountant="pld"):
         return _plan_epsilon(prior, sigma, sampling_rate, steps, delta, accountant) <= max_epsilon
 
+    def _plan(sigma):
+        return NoisePlan(sigma, sampling_rate, steps_per_round, rounds, spent,
+                         _plan_epsilon(prior, sigma, sampling_rate, steps, delta))
+
     if spent >= max_epsilon or not fits(max_noise):
         return None
+    if fits(MIN_NOISE, "rdp-integer"):  # RDP never under-states: then PLD fits too
+        return _plan(MIN_NOISE)
     # Upper end from RDP (cheap); lower end where even PLD is over budget.
     hi = max_noise
-    lo = 0.05
+    lo = MIN_NOISE
     while hi / lo > 1 + _PLAN_TOLERANCE:
         mid = math.sqrt(lo * hi)
-        if fits(mid, "rdp"):
+        if fits(mid, "rdp-integer"):
             hi = mid
         else:
             lo = mid
-    lo = hi / 1.5
-    if fits(lo):
-        lo = 0.05
-    if fits(lo):
-        hi = lo
+    lo = max(MIN_NOISE, hi / 1.5)
+    if fits(lo, "pld-coarse"):
+        lo = MIN_NOISE
     while hi / lo > 1 + _PLAN_TOLERANCE:
         mid = math.sqrt(lo * hi)
-        if fits(mid):
+        if fits(mid, "pld-coarse"):
             hi = mid
         else:
             lo = mid
     sigma = _round_up(hi)
-    while not fits(sigma):  # rounding never goes down, but stay safe against discretisation
+    while not fits(sigma):  # the ledger's accountant decides; the coarse grid only searched
         sigma = _round_up(sigma * (1 + _PLAN_TOLERANCE))
-    return NoisePlan(sigma, sampling_rate, steps_per_round, rounds, spent,
-                     _plan_epsilon(prior, sigma, sampling_rate, steps, delta))
+    return _plan(sigma)
 
 
 def _round_up(value: float, digits: int = 4) -> float:

@@ -71,3 +71,17 @@ def test_corrupt_odometer_refuses_to_train(tmp_path):
     path.write_text('{"noise_multiplier": 1.0, "sampling_rate": 0.1}\n')
     with pytest.raises(UserError, match="odometer"):
         PrivacyOdometer(path, "h", 1.0, 1e-5)
+
+
+def test_a_huge_budget_is_planned_at_the_noise_floor_and_underspent():
+    """Budget 1000 once planned sigma 0.07, whose PLD took minutes and ~13 GB: the floor stops that."""
+    from common.privacy import MIN_NOISE, plan_noise
+
+    plan = plan_noise([], 0.13, 8, 20, 1000.0, 1e-5)
+    assert plan.noise_multiplier == MIN_NOISE
+    assert plan.epsilon_after == pytest.approx(epsilon([PrivacyEvent(MIN_NOISE, 0.13, 160)], 1e-5))
+    assert plan.epsilon_after < 1000.0
+    # Just above the floor the search still finds the smallest sigma that fits.
+    tight = plan_noise([], 0.13, 8, 20, 30.0, 1e-5)
+    assert MIN_NOISE < tight.noise_multiplier and tight.epsilon_after <= 30.0
+    assert epsilon([PrivacyEvent(tight.noise_multiplier * 0.99, 0.13, 160)], 1e-5) > 30.0
