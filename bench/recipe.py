@@ -28,9 +28,8 @@ import numpy as np
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SOURCES = {  # name -> the settings that select the data set (everything else is the default recipe)
     "blood": ["data.source=folder", f"data.path={DATA / 'blood_cells'}"],
-    # ~110-220 examples per hospital: fewer than the default batch of 128, which a hospital refuses.
-    "breast": ["data.source=npz", f"data.path={DATA / 'breastmnist.npz'}", "train.batch_size=16"],
-    "retina": ["data.source=npz", f"data.path={DATA / 'retinamnist.npz'}", "train.batch_size=64"],
+    "breast": ["data.source=npz", f"data.path={DATA / 'breastmnist.npz'}"],
+    "retina": ["data.source=npz", f"data.path={DATA / 'retinamnist.npz'}"],
     "digits": ["data.source=digits"],
 }
 FEDERATION = ["hospitals=5", "data.partition=dirichlet", "data.alpha=0.5"]
@@ -42,7 +41,8 @@ def run(config, mode: str) -> dict:
     from common.federation import build_federation
     from common.metrics import evaluate_model
     from common.model import make_model
-    from common.privacy import plan_noise, sampling_rate_for, steps_for, useful_noise_limit
+    from common.privacy import plan_noise, useful_noise_limit
+    from common.sampling import expected_batch_size, sampling_rate_for, steps_for
     from common.tf_setup import keras
 
     federation = build_federation(config)
@@ -62,7 +62,7 @@ def run(config, mode: str) -> dict:
         sigma = 0.0
         if private and config.dp.noise_multiplier == "auto":
             plan = plan_noise([], q, steps, config.rounds, config.privacy.max_epsilon, config.privacy.delta,
-                              max_noise=useful_noise_limit(train.batch_size))
+                              max_noise=useful_noise_limit(expected_batch_size(train.batch_size, len(y))))
             if plan is None:  # as in a run: this hospital declines every round
                 plans.append((q, steps, None))
                 continue

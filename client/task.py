@@ -23,8 +23,8 @@ from common.errors import UserError
 from common.federation import load_federation
 from common.metrics import evaluate_model
 from common.model import make_model
-from common.privacy import (NoisePlan, PrivacyEvent, epsilon, plan_noise, sampling_rate_for,
-                            steps_for, useful_noise_limit)
+from common.privacy import NoisePlan, PrivacyEvent, epsilon, plan_noise, useful_noise_limit
+from common.sampling import expected_batch_size, sampling_rate_for, steps_for
 
 log = logging.getLogger("hospital")
 
@@ -53,7 +53,7 @@ class SettingsError(UserError):
 class TrainSettings:
     """The round's training settings, chosen by the coordinator (public)."""
 
-    batch_size: int
+    batch_size: int | str  # expected batch, or "auto": the hospital picks it from its own n
     local_epochs: float
     learning_rate: float
     momentum: float
@@ -72,7 +72,7 @@ class TrainSettings:
                          ("noise_multiplier", lambda v: v >= 0),
                          ("planned_rounds", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
             value = getattr(self, name)
-            if name == "noise_multiplier" and value == "auto":
+            if name in ("noise_multiplier", "batch_size") and value == "auto":
                 continue
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and ok(value)):
                 raise SettingsError(f"training setting {name}={value!r} is out of range or not a finite number")
@@ -246,10 +246,13 @@ def _local_log(site: HospitalSite, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def _check_batch(site: HospitalSite, settings: TrainSettings) -> None:
-    if len(site.train_y) < settings.batch_size:
+def _batch(site: HospitalSite, settings: TrainSettings) -> int:
+    """The hospital's expected batch; refused when it holds fewer examples than one batch."""
+    batch = expected_batch_size(settings.batch_size, len(site.train_y))
+    if len(site.train_y) < batch:
         raise UserError(f"{site.name} holds {len(site.train_y)} training examples, fewer than one batch "
-                        f"({settings.batch_size}): lower train.batch_size or add data")
+                        f"({batch}): lower train.batch_size or add data")
+    return batch
 
 
 def noise_plan(site: HospitalSite, settings: TrainSettings, run_id: int, round_number: int) -> NoisePlan | None:
@@ -277,12 +280,12 @@ def noise_plan(site: HospitalSite, settings: TrainSettings, run_id: int, round_n
         return NoisePlan(sigma, q, steps, rounds_left, epsilon(prior, odometer.delta),
                          epsilon(odometer.events() + [PrivacyEvent(sigma, q, steps * rounds_left)], odometer.delta))
     return plan_noise(prior, q, steps, rounds_left, odometer.max_epsilon, odometer.delta,
-                      max_noise=useful_noise_limit(settings.batch_size))
+                      max_noise=useful_noise_limit(expected_batch_size(settings.batch_size, len(site.train_y))))
 
 
 def plan_summary(site: HospitalSite, settings: TrainSettings, run_id: int) -> dict:
     """What the hospital will do this run (public: computed from public parameters and n)."""
-    _check_batch(site, settings)
+    _batch(site, settings)
     plan = noise_plan(site, settings, run_id, 1)
     q = sampling_rate_for(settings.batch_size, len(site.train_y))
     summary = {"num-examples": len(site.train_y), "sampling-rate": q,
@@ -304,15 +307,15 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
     the hospital's optimizer carries on where it stopped, as one centralized run would
     (BENCHMARKS.md section 3). It is post-processing of the hospital's own noisy gradients.
     """
-    _check_batch(site, settings)
+    batch = _batch(site, settings)
     num_examples = len(site.train_y)
     plan = noise_plan(site, settings, run_id, round_number)
     if plan is None:
         q = sampling_rate_for(settings.batch_size, num_examples)
-        limit = useful_noise_limit(settings.batch_size)
+        limit = useful_noise_limit(batch)
         log.info("%s declines round %d: the budget left (epsilon %.3f spent of %.3f) cannot fund a useful "
                  "round (it would need a noise multiplier above %g at batch %d)", site.name, round_number,
-                 site.odometer.spent(), site.odometer.max_epsilon, limit, settings.batch_size)
+                 site.odometer.spent(), site.odometer.max_epsilon, limit, batch)
         declined = PrivacyEvent(limit, q, 0)
         needed = site.odometer.epsilon_after(PrivacyEvent(limit, q, steps_for(settings.local_epochs, q)))
         return TrainOutcome("budget_exhausted", declined, site.odometer.spent(),

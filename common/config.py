@@ -47,7 +47,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 128  # expected Poisson batch size; sampling rate q = batch_size / examples
+    # Expected Poisson batch size (sampling rate q = batch_size / examples), or "auto": each
+    # hospital takes the largest power of two up to its examples / 4, within 16..128.
+    batch_size: int | str = "auto"
     local_epochs: float = 1.0  # DP-SGD steps per round = ceil(local_epochs / q)
     learning_rate: float = 0.2  # SGD step size on the mean clipped gradient (0.5 and up diverged under DP)
     momentum: float = 0.9  # SGD momentum in [0, 1): post-processing of noisy gradients, no privacy cost
@@ -113,7 +115,6 @@ RANGES = {
     "data.test_fraction": (0, 1, False, False),
     "data.local_eval_fraction": (0, 1, True, False),
     "model.dense_units": (1, None, True, None),
-    "train.batch_size": (1, None, True, None),
     "train.local_epochs": (0, None, False, None),
     "train.learning_rate": (0, None, False, None),
     "train.momentum": (0, 1, True, False),
@@ -219,6 +220,11 @@ def validate(config: Config) -> Config:
         raise UserError(f"config key 'dp.noise_multiplier' must be a positive number or auto, got {sigma!r}")
     if not isinstance(sigma, str) and not (math.isfinite(sigma) and sigma > 0):
         raise UserError(f"config key 'dp.noise_multiplier' must be > 0 (or auto), got {sigma}")
+    batch = config.train.batch_size
+    if isinstance(batch, str) and batch != "auto":
+        raise UserError(f"config key 'train.batch_size' must be a positive integer or auto, got {batch!r}")
+    if not isinstance(batch, str) and batch < 1:
+        raise UserError(f"config key 'train.batch_size' must be >= 1 (or auto), got {batch}")
     if not config.model.filters or any(width < 1 for width in config.model.filters):
         raise UserError(f"config key 'model.filters' must be a non-empty list of positive ints, got {config.model.filters}")
     if config.model.builder and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", config.model.builder):

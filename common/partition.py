@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.errors import UserError
+from common.sampling import expected_batch_size
 
 SCHEMES = ("iid", "dirichlet", "quantity")
 _MAX_TRIES = 1000  # Dirichlet redraws before we tell the user the request is unrealistic
@@ -201,8 +202,9 @@ def _clip(text, width=12):
     return text if len(text) <= width else text[:width - 1] + "~"
 
 
-def check_shards(shards_labels: list[np.ndarray], names: list[str], batch_size: int) -> None:
+def check_shards(shards_labels: list[np.ndarray], names: list[str], batch_size: int | str) -> None:
     """Refuse a hospital with no training examples or fewer than one batch of them."""
+
     if len(shards_labels) != len(names):
         raise ValueError(f"{len(shards_labels)} shards but {len(names)} names")
     for name, y in zip(names, shards_labels):
@@ -210,7 +212,7 @@ def check_shards(shards_labels: list[np.ndarray], names: list[str], batch_size: 
         if n == 0:
             raise UserError(f"hospital {name} has no training examples; use fewer hospitals or "
                             "another partition (data.partition, a larger data.alpha)")
-        if n < batch_size:
+        if n < expected_batch_size(batch_size, n):
             raise UserError(f"hospital {name} has {n} training examples, fewer than one batch "
-                            f"(train.batch_size={batch_size}); lower train.batch_size, use fewer "
-                            "hospitals or another partition (data.partition, a larger data.alpha)")
+                            f"(train.batch_size={batch_size}: {expected_batch_size(batch_size, n)}); lower "
+                            "train.batch_size, use fewer hospitals or another partition (data.partition, a larger data.alpha)")

@@ -56,16 +56,6 @@ class PrivacyEvent:
         )
 
 
-def sampling_rate_for(batch_size: int, num_examples: int) -> float:
-    """Poisson rate q giving an expected batch of `batch_size` out of `num_examples`."""
-    return min(1.0, batch_size / num_examples)
-
-
-def steps_for(local_epochs: float, sampling_rate: float) -> int:
-    """DP-SGD steps for `local_epochs` expected passes over the data."""
-    return max(1, math.ceil(local_epochs / sampling_rate))
-
-
 def _groups(events: list[PrivacyEvent]) -> tuple[tuple[float, float, int], ...]:
     """((sigma, q, steps), ...): equal mechanisms merged, in order of first appearance."""
     groups: dict[tuple, int] = {}

@@ -26,12 +26,12 @@ def ask_plans(grid, node_ids: list[int], train_config: ConfigRecord, timeout: fl
 
 
 def plan_lines(plans: dict[str, dict], rounds: int) -> list[str]:
-    """A table: per hospital its examples, q, steps per round, planned sigma, final epsilon."""
+    """A table: per hospital its examples, expected batch, q, steps per round, planned sigma, final epsilon."""
     if not plans:
         return ["Privacy plan: no hospital answered in time (still loading its data, or failed: see run.log); "
                 "each plans its noise before it trains all the same, and the ledger records it."]
     lines = [f"Privacy plan for {rounds} round(s), chosen by each hospital from its own budget:",
-             f"  {'hospital':<14} {'examples':>8} {'q':>7} {'steps/round':>11} {'sigma':>7} "
+             f"  {'hospital':<14} {'examples':>8} {'batch':>5} {'q':>7} {'steps/round':>11} {'sigma':>7} "
              f"{'epsilon now':>11} {'epsilon at end':>14} {'budget':>7}"]
     for hospital in sorted(plans, key=lambda name: (len(name), name)):
         p = plans[hospital]
@@ -39,7 +39,8 @@ def plan_lines(plans: dict[str, dict], rounds: int) -> list[str]:
             sigma, final = f"{p['noise-multiplier']:.4g}", f"{p['epsilon-planned']:.3f}"
         else:
             sigma, final = "-", "declines"
-        lines.append(f"  {hospital:<14} {int(p['num-examples']):>8} {p['sampling-rate']:>7.4f} "
+        batch = round(p["sampling-rate"] * p["num-examples"])  # expected batch: q n
+        lines.append(f"  {hospital:<14} {int(p['num-examples']):>8} {batch:>5} {p['sampling-rate']:>7.4f} "
                      f"{int(p['steps-per-round']):>11} {sigma:>7} {p['epsilon-before']:>11.3f} {final:>14} "
                      f"{p['max-epsilon']:>7g}")
     return lines

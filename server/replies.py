@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.privacy import SAMPLING, PrivacyEvent, sampling_rate_for, steps_for
+from common.privacy import SAMPLING, PrivacyEvent
+from common.sampling import sampling_rate_for, steps_for
 
 STATUSES = ("trained", "budget_exhausted")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # printed on terminals: no control characters
@@ -34,7 +35,7 @@ class Rejected(Exception):
 class RoundPlan:
     """The public training settings the coordinator sent for a round."""
 
-    batch_size: int
+    batch_size: int | str  # or "auto": each hospital picks it from its own n (common.privacy)
     local_epochs: float
     learning_rate: float
     momentum: float

@@ -25,7 +25,8 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
-from common.privacy import PrivacyEvent, epsilon, steps_for
+from common.privacy import PrivacyEvent, epsilon
+from common.sampling import steps_for
 from server.ledger import PrivacyLedger
 from server.replies import (PrivacyReport, Rejected, RoundPlan, distance, read_privacy, read_weights,
                             update_bound)

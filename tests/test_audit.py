@@ -426,3 +426,22 @@ def test_plot_into_a_directory_writes_epsilon_png(tmp_path, good_records):
     assert (out / "epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "plots.png").exists()
     assert audit.main([str(path), "--plot", str(tmp_path / "missing" / "e.png")]) == 2
+
+
+def test_with_batch_size_auto_the_batch_follows_from_each_hospitals_examples(tmp_path, clean_records):
+    # q = 0.02 with n = 3200 is an expected batch of 64: not what "auto" gives for 3200 (128).
+    records = copy.deepcopy(clean_records)
+    for record in records:
+        record["num_examples"] = 3200 if record["hospital"] != "b" else 1600
+    config = copy.deepcopy(CONFIG)
+    config["train"]["batch_size"] = "auto"
+    found = context_findings(run_dir(tmp_path / "run", records, config))
+    assert any("hospital a: sampling_rate 0.02 x num_examples 3200 = 64, but config.yaml's train.batch_size "
+               "is auto (expected sampling_rate 0.04)" in d for d in found), found
+    # b: "auto" gives 128 for 1600 examples (q 0.08), not the 64 that q 0.04 implies.
+    assert any("hospital b: sampling_rate 0.04 x num_examples 1600 = 64" in d for d in found), found
+    for record in records:  # the examples that make "auto" give exactly q's batches
+        record["num_examples"] = 6400 if record["hospital"] != "b" else 3200
+    config["train"]["batch_size"] = "auto"
+    found = context_findings(run_dir(tmp_path / "run2", records, config))
+    assert not any("sampling_rate" in d for d in found), found

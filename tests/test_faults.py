@@ -15,7 +15,7 @@ import dp_accounting
 import psutil
 import pytest
 
-from common.privacy import sampling_rate_for, steps_for
+from common.sampling import sampling_rate_for, steps_for
 from tests.test_simulation import _recompute  # the ledger's epsilon, recomputed with dp-accounting directly
 
 ROOT = Path(__file__).resolve().parent.parent

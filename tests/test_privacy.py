@@ -7,7 +7,8 @@ import pytest
 
 from client.odometer import PrivacyOdometer
 from common.errors import UserError
-from common.privacy import PrivacyEvent, epsilon, sampling_rate_for, steps_for
+from common.privacy import PrivacyEvent, epsilon
+from common.sampling import sampling_rate_for, steps_for
 from common.tf_setup import tf_privacy
 
 
@@ -85,3 +86,13 @@ def test_a_huge_budget_is_planned_at_the_noise_floor_and_underspent():
     tight = plan_noise([], 0.13, 8, 20, 30.0, 1e-5)
     assert MIN_NOISE < tight.noise_multiplier and tight.epsilon_after <= 30.0
     assert epsilon([PrivacyEvent(tight.noise_multiplier * 0.99, 0.13, 160)], 1e-5) > 30.0
+
+
+def test_batch_size_auto_is_a_power_of_two_up_to_a_quarter_of_the_examples():
+    from common.sampling import expected_batch_size
+
+    # BreastMNIST-, digits- and blood-cell-sized hospitals get what was measured best for each.
+    assert [expected_batch_size("auto", n) for n in (31, 110, 216, 259, 536, 1051, 50_000)] == [16, 16, 32, 64, 128, 128, 128]
+    assert expected_batch_size(40, 259) == 40  # a number is taken as it is
+    assert sampling_rate_for("auto", 259) == 64 / 259
+    assert sampling_rate_for("auto", 10) == 1.0  # fewer examples than 16: refused elsewhere, q capped here

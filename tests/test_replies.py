@@ -15,7 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.privacy import PrivacyEvent, epsilon, sampling_rate_for, steps_for
+from common.privacy import PrivacyEvent, epsilon
+from common.sampling import sampling_rate_for, steps_for
 from server.ledger import PrivacyLedger
 from server.replies import Rejected, RoundPlan, distance, parse_prior_events, update_bound
 from server.strategy import PrivateFedAvg
@@ -333,3 +334,24 @@ def test_a_charge_lost_before_a_node_went_away_is_ledgered_under_the_round_it_wa
     assert sorted(outcome.trained) == sorted(NODES) and not outcome.rejected, outcome
     own = [(r["round"], r["status"]) for r in fed.ledger.records if r["hospital"] == "hospital-2"]
     assert own == [(1, "trained"), (2, "lost"), (4, "trained")]
+
+
+def test_with_batch_size_auto_the_coordinator_expects_each_hospitals_own_batch(tmp_path):
+    global PLAN
+    saved = PLAN
+    PLAN = RoundPlan(batch_size="auto", local_epochs=1.0, learning_rate=0.5, momentum=0.5, l2_norm_clip=1.0)
+    try:
+        fed = Federation(tmp_path)
+        honest = [fed.honest(n) for n in NODES]  # q = the auto batch (64 for 320, 400 and 500) over n
+        assert honest[0].content["metrics"]["sampling-rate"] == 64 / 320
+        arrays, outcome = fed.run(honest)
+        assert sorted(outcome.trained) == sorted(NODES) and not outcome.rejected
+        # A hospital claiming batch 32 over 400 examples (q 0.08) under "auto" is refused.
+        (tmp_path / "two").mkdir()
+        fed2 = Federation(tmp_path / "two")
+        lying = fed2.honest("hospital-1")
+        lying.content["metrics"]["sampling-rate"] = 32 / 400
+        _, outcome = fed2.run([lying], sent=["hospital-1"])
+        assert outcome.rejected == {"node 102": "'sampling-rate' 0.08 is not batch_size/num-examples = 0.16"}
+    finally:
+        PLAN = saved

@@ -269,10 +269,21 @@ def _setting(config: dict | None, section: str, name: str):
     return value.get(name) if isinstance(value, dict) else None
 
 
+def _expected_batch(batch_size, n: int) -> int:
+    """train.batch_size, or for "auto" the largest power of two up to n / 4 within 16..128.
+
+    The documented rule (README, "train.batch_size"), restated here on purpose: the audit
+    imports nothing of the code that trains, so a bug there cannot hide itself here.
+    """
+    if batch_size != "auto":
+        return int(batch_size)
+    return int(min(128, max(16, 2 ** math.floor(math.log2(max(1.0, n / 4))))))
+
+
 def _config_problems(record: dict, config: dict | None, hs: dict) -> list[str]:
     """The record's mechanism against config.yaml: sigma, q x n = batch size, steps from local epochs.
 
-    The training side computes q = min(1, batch_size / n) and steps = max(1, ceil(local_epochs / q)).
+    The training side computes q = min(1, batch / n) (batch: `_expected_batch`) and steps = max(1, ceil(local_epochs / q)).
     With `dp.noise_multiplier: auto` each hospital plans its own sigma: it is then not compared
     with the config, but must stay the same for a hospital throughout the run."""
     problems = []
@@ -287,8 +298,8 @@ def _config_problems(record: dict, config: dict | None, hs: dict) -> list[str]:
                             "(a planned sigma is fixed for a hospital's whole run)")
         hs.setdefault("sigma", sigma)
     batch = _setting(config, "train", "batch_size")
-    if _is_int(batch) and batch > 0 and _is_number(q) and 0 < q <= 1 and _is_int(n) and n > 0:
-        expected = min(1.0, batch / n)
+    if (batch == "auto" or (_is_int(batch) and batch > 0)) and _is_number(q) and 0 < q <= 1 and _is_int(n) and n > 0:
+        expected = min(1.0, _expected_batch(batch, n) / n)
         if abs(q - expected) > 1e-9 * expected:
             problems.append(f"sampling_rate {q!r} x num_examples {n} = {q * n:.6g}, but config.yaml's "
                             f"train.batch_size is {batch} (expected sampling_rate {expected:.9g})")

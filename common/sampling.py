@@ -1,0 +1,36 @@
+"""How a hospital draws its DP-SGD batches: expected batch, Poisson rate q, steps per round.
+
+Public numbers from public settings and the hospital's example count; both sides and the
+audit compute them here. Kept apart from common.privacy so that the launcher and the audit's
+config checks need not import dp-accounting for them.
+"""
+from __future__ import annotations
+
+import math
+
+AUTO_BATCH_SIZES = (16, 128)  # the smallest and largest expected batch "auto" picks
+
+
+def expected_batch_size(batch_size: int | str, num_examples: int) -> int:
+    """A hospital's expected batch: `train.batch_size`, or for "auto" one chosen from its own n.
+
+    "auto" takes the largest power of two up to n / 4, within 16..128: every round then has
+    at least about 4 DP-SGD steps (momentum needs steps to build up), and no hospital goes
+    past 128, the best batch measured on blood cells (n 536-1,051; 64 lost 14 points and 256
+    3-5). It picks what was measured best on each real set by hand: 128 for blood cells, 64
+    for the digits (n ~260), 16 for BreastMNIST (n ~110). BENCHMARKS.md section 3.
+    """
+    if batch_size != "auto":
+        return int(batch_size)
+    low, high = AUTO_BATCH_SIZES
+    return int(min(high, max(low, 2 ** math.floor(math.log2(max(1.0, num_examples / 4))))))
+
+
+def sampling_rate_for(batch_size: int | str, num_examples: int) -> float:
+    """Poisson rate q giving an expected batch of `batch_size` (or "auto") out of `num_examples`."""
+    return min(1.0, expected_batch_size(batch_size, num_examples) / num_examples)
+
+
+def steps_for(local_epochs: float, sampling_rate: float) -> int:
+    """DP-SGD steps for `local_epochs` expected passes over the data."""
+    return max(1, math.ceil(local_epochs / sampling_rate))
