@@ -3,6 +3,7 @@ import math
 import warnings
 
 import dp_accounting
+import numpy as np
 import pytest
 
 from client.odometer import PrivacyOdometer
@@ -95,4 +96,16 @@ def test_batch_size_auto_is_a_power_of_two_up_to_a_quarter_of_the_examples():
     assert [expected_batch_size("auto", n) for n in (31, 110, 216, 259, 536, 1051, 50_000)] == [16, 16, 32, 64, 128, 128, 128]
     assert expected_batch_size(40, 259) == 40  # a number is taken as it is
     assert sampling_rate_for("auto", 259) == 64 / 259
-    assert sampling_rate_for("auto", 10) == 1.0  # fewer examples than 16: refused elsewhere, q capped here
+    assert expected_batch_size("auto", 10) == 10  # fewer than 16: every example, every step (and it will decline)
+
+
+def test_a_hospital_of_a_few_images_gets_them_all_as_its_batch_and_declines():
+    from common.partition import check_shards
+    from common.privacy import plan_noise, useful_noise_limit
+    from common.sampling import expected_batch_size, steps_for
+
+    check_shards([np.zeros(5), np.zeros(300)], ["tiny", "large"], "auto")  # the federation is not refused for it
+    batch = expected_batch_size("auto", 5)
+    q = sampling_rate_for("auto", 5)
+    assert (batch, q) == (5, 1.0)
+    assert plan_noise([], q, steps_for(1.0, q), 20, 3.0, 1e-5, max_noise=useful_noise_limit(batch)) is None

@@ -270,14 +270,14 @@ def _setting(config: dict | None, section: str, name: str):
 
 
 def _expected_batch(batch_size, n: int) -> int:
-    """train.batch_size, or for "auto" the largest power of two up to n / 4 within 16..128.
+    """train.batch_size, or for "auto" the largest power of two up to n / 4 within 16..128, at most n.
 
     The documented rule (README, "train.batch_size"), restated here on purpose: the audit
     imports nothing of the code that trains, so a bug there cannot hide itself here.
     """
     if batch_size != "auto":
         return int(batch_size)
-    return int(min(128, max(16, 2 ** math.floor(math.log2(max(1.0, n / 4))))))
+    return int(min(n, 128, max(16, 2 ** math.floor(math.log2(max(1.0, n / 4))))))
 
 
 def _config_problems(record: dict, config: dict | None, hs: dict) -> list[str]:
