@@ -151,6 +151,8 @@ def child_environment(flwr_home: Path) -> dict:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower reports usage unless told not to
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    # The SuperExec looks for a submitted run once a second by default: up to 1 s of start-up.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's future-GPU-handling warning
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
