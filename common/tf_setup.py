@@ -13,10 +13,10 @@ stderr pointed at /dev/null, then stderr is restored so real errors still show.
 import os
 import sys
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # C++ log lines after start-up: none below FATAL
-if not os.path.exists("/proc/driver/nvidia/version"):  # no NVIDIA driver: do not even try CUDA
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+from common.tf_env import tf_environment
+
+for _name, _value in tf_environment().items():
+    os.environ.setdefault(_name, _value)
 sys.skip_tf_privacy_import = True
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from common.errors import UserError
+from common.tf_env import tf_environment
 
 ROOT = Path(__file__).resolve().parent.parent  # the source tree, or site-packages once installed
 CONNECTION = "hospital-fl-simulation"  # the connection's name in the private Flower Configuration
@@ -154,7 +155,8 @@ def child_environment(flwr_home: Path) -> dict:
     # The SuperExec looks for a submitted run once a second by default: up to 1 s of start-up.
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's future-GPU-handling warning
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name, value in tf_environment().items():  # Flower imports TensorFlow before our code runs
+        env.setdefault(name, value)
     env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     return env
 
