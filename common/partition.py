@@ -203,8 +203,7 @@ def _clip(text, width=12):
 
 
 def check_shards(shards_labels: list[np.ndarray], names: list[str], batch_size: int | str) -> None:
-    """Refuse a hospital with no training examples or fewer than one batch of them."""
-
+    """Refuse a hospital with no training examples or fewer than one batch of them ("auto" never asks for more than n)."""
     if len(shards_labels) != len(names):
         raise ValueError(f"{len(shards_labels)} shards but {len(names)} names")
     for name, y in zip(names, shards_labels):
@@ -214,5 +213,5 @@ def check_shards(shards_labels: list[np.ndarray], names: list[str], batch_size: 
                             "another partition (data.partition, a larger data.alpha)")
         if n < expected_batch_size(batch_size, n):
             raise UserError(f"hospital {name} has {n} training examples, fewer than one batch "
-                            f"(train.batch_size={batch_size}: {expected_batch_size(batch_size, n)}); lower "
-                            "train.batch_size, use fewer hospitals or another partition (data.partition, a larger data.alpha)")
+                            f"(train.batch_size={batch_size}); lower train.batch_size (or set it to auto), use fewer "
+                            "hospitals or another partition (data.partition, a larger data.alpha)")
