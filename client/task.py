@@ -280,7 +280,7 @@ def noise_plan(site: HospitalSite, settings: TrainSettings, run_id: int, round_n
         return NoisePlan(sigma, q, steps, rounds_left, epsilon(prior, odometer.delta),
                          epsilon(odometer.events() + [PrivacyEvent(sigma, q, steps * rounds_left)], odometer.delta))
     return plan_noise(prior, q, steps, rounds_left, odometer.max_epsilon, odometer.delta,
-                      max_noise=useful_noise_limit(expected_batch_size(settings.batch_size, len(site.train_y))))
+                      max_noise=useful_noise_limit(_batch(site, settings)))
 
 
 def plan_summary(site: HospitalSite, settings: TrainSettings, run_id: int) -> dict:

@@ -89,15 +89,7 @@ def _epsilon(groups, delta: float, accountant: str) -> float:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in groups):
         return math.inf
-    if accountant == "pld":
-        tracker = PLDAccountant()
-    elif accountant == "pld-coarse":
-        tracker = PLDAccountant(value_discretization_interval=COARSE_PLD_INTERVAL)
-    elif accountant == "rdp-integer":
-        tracker = RdpAccountant(orders=INTEGER_RDP_ORDERS)
-    else:
-        tracker = RdpAccountant()
-    return float(tracker.compose(_dp_event(groups)).get_epsilon(delta))
+    return float(_ACCOUNTANTS[accountant]().compose(_dp_event(groups)).get_epsilon(delta))
 
 
 def epsilon(events: list[PrivacyEvent], delta: float, accountant: str = "pld") -> float:
@@ -122,6 +114,12 @@ INTEGER_RDP_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256, 512, 1024)
 # we plan for. It only steers the search; the plan's sigma is accepted by the ledger's own
 # accountant alone.
 COARSE_PLD_INTERVAL = 1e-3
+_ACCOUNTANTS = {  # "pld" is the ledger's; the others only steer plan_noise's search
+    "pld": PLDAccountant,
+    "rdp": RdpAccountant,
+    "pld-coarse": lambda: PLDAccountant(value_discretization_interval=COARSE_PLD_INTERVAL),
+    "rdp-integer": lambda: RdpAccountant(orders=INTEGER_RDP_ORDERS),
+}
 
 
 def useful_noise_limit(batch_size: int) -> float:

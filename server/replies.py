@@ -35,7 +35,7 @@ class Rejected(Exception):
 class RoundPlan:
     """The public training settings the coordinator sent for a round."""
 
-    batch_size: int | str  # or "auto": each hospital picks it from its own n (common.privacy)
+    batch_size: int | str  # or "auto": each hospital picks it from its own n (common.sampling)
     local_epochs: float
     learning_rate: float
     momentum: float
