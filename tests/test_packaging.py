@@ -63,10 +63,11 @@ def test_installed_copy_finds_its_configs_and_assembles_a_flower_app(installed, 
         "from pathlib import Path\n"
         "from common.config import load_config, from_run_config, PROJECT_ROOT\n"
         "import server.simulation as s\n"
+        "from server.flower_launch import app_directory\n"
         "assert PROJECT_ROOT == Path(%r), PROJECT_ROOT\n"
         "config = from_run_config({'config-path': 'configs/default.yaml', 'rounds': 2})\n"
         "assert config.rounds == 2 and config.hospitals == load_config(s.default_config_path()).hospitals\n"
-        "print(s.app_directory(Path(%r)))\n"
+        "print(app_directory(Path(%r)))\n"
     ) % (str(site), str(tmp_path / "flwr-home"))
     result = _run(site, tmp_path, "-c", probe)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -4,7 +4,7 @@ import time
 
 import psutil
 
-from server.simulation import drop_superseded_launches
+from server.flower_launch import drop_superseded_launches
 
 
 def test_only_the_newest_simulation_launch_survives(tmp_path):

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import server.simulation as simulation
+import server.flower_launch as flower_launch
 import simulate
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -31,5 +31,5 @@ def _app_with(client_app: str):
 
 
 if __name__ == "__main__":
-    simulation.app_directory = _app_with(sys.argv[1])
+    flower_launch.app_directory = _app_with(sys.argv[1])
     sys.exit(simulate.main(sys.argv[2:]))

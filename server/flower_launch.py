@@ -1,0 +1,315 @@
+"""Flower's side of simulate.py: a private SuperLink in simulation mode, a private Flower
+Configuration naming it, and one `flwr run APP CONNECTION --stream` on the hospital-fl App.
+
+Everything it starts (SuperLink, SuperExec, flwr-simulation, Ray) ends with it. The user's
+own `~/.flwr/config.toml` is never touched: a throw-away FLWR_HOME, unless the user set one.
+Only Flower's public commands are used (flower-superlink, flwr run, flwr ls), so any flwr
+within pyproject's range works.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common.errors import UserError
+from common.tf_env import tf_environment
+
+ROOT = Path(__file__).resolve().parent.parent  # the source tree, or site-packages once installed
+CONNECTION = "hospital-fl-simulation"  # the connection's name in the private Flower Configuration
+APP_PACKAGES = ("server", "client", "common", "configs")  # what an installed app is assembled from
+# The package's copy of pyproject.toml when installed from a wheel (see pyproject's force-include).
+INSTALLED_APP_TOML = ROOT / "server" / "flower_app" / "pyproject.toml"
+# Flower's INFO lines repeat what the round lines say; they go to flower.log, not the terminal.
+# Ray's raylet lines (a worker that died, with its PID and exit details) likewise: the round
+# line names the hospital and its failure category.
+FLOWER_CHATTER = re.compile(r"^(\x1b\[[0-9;]*m)*(INFO|DEBUG)\b|Since flwr 1\.32|^Successfully (started run|installed)"
+                            r"|^Using SuperLink: |^(\x1b\[[0-9;]*m)*\(raylet\)")
+STARTUP_TIMEOUT = 60.0  # seconds to wait for the private SuperLink to answer
+# Flower 1.42 gives its simulation process 30 s from launch to its first heartbeat; one that
+# starts slower (it imports TensorFlow; a very busy machine) is relaunched, forever. The
+# SuperLink's log says so with this line, and simulate.py then stops with a clear message.
+RELAUNCH_LOOP = "task-token authentication failed"
+RELAUNCHES_TOLERATED = 10  # ~30-40 s each: minutes of patience on a busy machine, not forever
+
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def child_environment(flwr_home: Path) -> dict:
+    """The environment of every Flower process (and so of Ray's workers and the apps)."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    # Flower starts its helpers (flower-superexec, flwr-simulation) by name: put this Python's
+    # scripts first, so an un-activated venv (`/venv/bin/hospital-fl simulate`) works too.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower reports usage unless told not to
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    # The SuperExec looks for a submitted run once a second by default: up to 1 s of start-up.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's future-GPU-handling warning
+    for name, value in tf_environment().items():  # Flower imports TensorFlow before our code runs
+        env.setdefault(name, value)
+    env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    return env
+
+
+def app_directory(flwr_home: Path) -> Path:
+    """The Flower App to run: the source tree itself, or one assembled from the installed package."""
+    if (ROOT / "pyproject.toml").is_file() and (ROOT / "configs").is_dir():
+        return ROOT
+    if not INSTALLED_APP_TOML.is_file():
+        raise UserError(f"cannot find the Flower App's pyproject.toml under {ROOT}: reinstall hospital-fl")
+    app = flwr_home / "app"
+    for name in APP_PACKAGES:
+        shutil.copytree(ROOT / name, app / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(INSTALLED_APP_TOML, app / "pyproject.toml")
+    return app
+
+
+def drop_superseded_launches(root_pid: int) -> int:
+    """Kill every flwr-simulation process below `root_pid` but the newest; return how many.
+
+    Flower launches a new simulation process only when the previous one missed its first
+    heartbeat, and then revokes the old one's token: the old process can never run the
+    run, but it goes on importing (TensorFlow, Ray) and loading the machine, which makes
+    the next launch miss its heartbeat too. Left alone, a busy machine collected dozens of
+    them (2026-11-26, load 36); dropped at once, one launch at a time competes for the CPU.
+    """
+    import psutil
+
+    try:
+        below = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return 0
+    def is_simulation(proc) -> bool:
+        return any(Path(part).name == "flwr-simulation" for part in proc.cmdline()[:3])
+
+    launched = []
+    for proc in below:
+        try:
+            # A launch is started by Flower's SuperExec; a process forked by a launch carries
+            # the same command line until it execs, and must not count as a newer launch.
+            if is_simulation(proc) and not (proc.parent() and is_simulation(proc.parent())):
+                launched.append((proc.create_time(), proc))
+        except psutil.Error:
+            continue
+    launched.sort(key=lambda pair: pair[0])
+    for _, proc in launched[:-1]:
+        try:
+            for part in [*proc.children(recursive=True), proc]:
+                part.kill()
+        except psutil.Error:
+            continue
+    return max(0, len(launched) - 1)
+
+
+class Simulation:
+    """One private SuperLink (simulation mode) and one `flwr run`; everything they start ends with it."""
+
+    def __init__(self, config, resolved: dict, out: Path, resume: bool, verbose: bool):
+        self.config, self.resolved, self.out, self.resume, self.verbose = config, resolved, out, resume, verbose
+        user_home = os.environ.get("FLWR_HOME")
+        # A user-set FLWR_HOME is theirs to keep; otherwise a throw-away one, so ~/.flwr is untouched.
+        self.flwr_home = Path(user_home) if user_home else Path(tempfile.mkdtemp(prefix="hospital-fl-flwr-"))
+        self.own_home = not user_home
+        self.env = child_environment(self.flwr_home)
+        self.superlink: subprocess.Popen | None = None
+        self.flwr_run: subprocess.Popen | None = None
+        self.run_id: int | None = None
+        self.transcript: list[str] = []
+        self.stop_requests = 0
+        self.server_started = False  # the ServerApp has opened the run directory
+        self.stalled = False
+        self.saved_config: bytes | None = None
+
+    # -- start-up -------------------------------------------------------------------------------------
+    def start_superlink(self) -> None:
+        self.port, control = _free_port(), _free_port()
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        log_file = self.flwr_home / "superlink.log"
+        command = [_executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--control-api-address", f"127.0.0.1:{control}",
+                   # The apps' dependencies are this environment's; never `uv sync` a new one per run.
+                   "--disable-runtime-dependency-installation", "--log-file", str(log_file)]
+        # Its own session: the terminal's Ctrl-C reaches simulate.py only, which decides what stops.
+        self.superlink = subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True)
+        config_toml = self.flwr_home / "config.toml"
+        # A user-set FLWR_HOME may hold the user's own Flower Configuration: put it back at the end.
+        self.saved_config = config_toml.read_bytes() if config_toml.is_file() else None
+        config_toml.write_text(
+            "# Written by hospital-fl's simulate: one local simulation SuperLink, started and stopped per run.\n"
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+
+    def wait_for_superlink(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.superlink.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {self.superlink.returncode}; "
+                                   f"see {self.flwr_home / 'superlink.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"flower-superlink did not answer within {STARTUP_TIMEOUT:.0f} s")
+
+    def watch_for_relaunch_loop(self) -> None:
+        """In a thread: drop superseded launches, and stop everything if Flower keeps relaunching
+        a simulation that starts too slowly."""
+        import threading
+
+        def watch():
+            log_file = self.flwr_home / "superlink.log"
+            while self.flwr_run is None or self.flwr_run.poll() is None:
+                time.sleep(2)
+                if self.superlink is not None:
+                    drop_superseded_launches(self.superlink.pid)
+                try:
+                    failures = log_file.read_text(errors="replace").count(RELAUNCH_LOOP)
+                except OSError:
+                    continue
+                if failures >= 3 * RELAUNCHES_TOLERATED:  # three failed calls per launch
+                    self.stalled = True
+                    self.shutdown()
+                    return
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    def run_config_file(self) -> Path:
+        import tomli_w
+
+        run_config = {"config-json": json.dumps(self.resolved), "run-dir": str(self.out), "config-path": ""}
+        if self.resume:
+            run_config["resume-dir"] = str(self.out)
+        path = self.flwr_home / "run-config.toml"
+        path.write_text(tomli_w.dumps(run_config))
+        return path
+
+    def flwr_run_command(self, app: Path) -> list[str]:
+        cpus = os.cpu_count() or 1
+        federation = [
+            f"num-supernodes={self.config.hospitals}",
+            f"client-resources-num-cpus={max(1, round(self.config.simulation.cpus_per_client))}",
+            "client-resources-num-gpus=0.0",
+            f"init-args-num-cpus={cpus}",
+            'init-args-logging-level="ERROR"',
+            # Each hospital's own log (local training loss) stays out of the coordinator's terminal.
+            "init-args-log-to-driver=false",
+        ]
+        return [_executable("flwr"), "run", str(app), CONNECTION, "--stream",
+                "--run-config", str(self.run_config_file()),
+                "--federation-config", " ".join(federation)]
+
+    # -- running ----------------------------------------------------------------------------------------
+    def stream(self, show) -> int | None:
+        """Run `flwr run --stream`, pass its lines to `show`; return its exit code (None if killed)."""
+        app = app_directory(self.flwr_home)
+        self.flwr_run = subprocess.Popen(self.flwr_run_command(app), env=self.env, cwd=app, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        self.watch_for_relaunch_loop()
+        for line in self.flwr_run.stdout:
+            line = line.rstrip("\n")
+            self.transcript.append(line)
+            if self.run_id is None and (found := re.search(r"Successfully started run (\d+)", line)):
+                self.run_id = int(found.group(1))
+            if line.startswith("Run directory:"):
+                self.server_started = True
+            if self.verbose or not FLOWER_CHATTER.search(line):
+                show(line)
+        return self.flwr_run.wait()
+
+    def request_stop(self, how: str = "Ctrl-C") -> None:
+        """Ctrl-C or SIGTERM: once asks for a stop after this round (the STOP file); twice stops now.
+
+        Before the ServerApp has opened the run directory there is no round to finish (and a
+        STOP file would make a new run's directory look taken): the first request stops now.
+        """
+        self.stop_requests += 1
+        if self.stop_requests == 1 and self.server_started:
+            try:
+                (self.out / "STOP").touch()
+            except OSError:
+                pass
+            print(f"\nstopping after this round ({how} again to stop now)", file=sys.stderr, flush=True)
+        else:
+            print("\nstopping now", file=sys.stderr, flush=True)
+            self.shutdown()
+
+    def run_succeeded(self) -> bool | None:
+        """Did Flower see the run complete? (None when it cannot be asked.)"""
+        if self.run_id is None:
+            return None
+        try:
+            result = subprocess.run([_executable("flwr"), "list", CONNECTION, "--run-id", str(self.run_id),
+                                     "--format", "json"], env=self.env, capture_output=True, text=True, timeout=30)
+            status = json.dumps(json.loads(result.stdout))
+        except (subprocess.SubprocessError, ValueError, OSError):
+            return None
+        if "finished:completed" in status:
+            return True
+        return False if "finished:" in status else None
+
+    # -- ending -----------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """End `flwr run`, the SuperLink and everything below it (the simulation, Ray and its workers)."""
+        import psutil
+
+        procs = []
+        for parent in (self.flwr_run, self.superlink):
+            if parent is None or parent.poll() is not None:
+                continue
+            try:
+                root = psutil.Process(parent.pid)
+                procs += [root, *root.children(recursive=True)]
+            except psutil.Error:
+                pass
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+    def save_transcript(self) -> None:
+        if self.out.is_dir() and self.transcript:
+            with open(self.out / "flower.log", "a", encoding="utf-8") as handle:
+                handle.write("\n".join(self.transcript) + "\n")
+
+    def cleanup(self) -> None:
+        self.shutdown()
+        self.save_transcript()
+        if self.own_home:
+            shutil.rmtree(self.flwr_home, ignore_errors=True)
+        elif self.saved_config is not None:
+            (self.flwr_home / "config.toml").write_bytes(self.saved_config)
+
+
+def _executable(name: str) -> str:
+    """Flower's command next to this Python (the venv's bin), or on the PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise UserError(f"cannot find Flower's `{name}` command: install hospital-fl's dependencies (flwr[simulation])")
+    return found
