@@ -2,6 +2,7 @@
 
     uv run python -m bench.accuracy                          # blood, breast, retina at epsilon 1 2 3 8
     uv run python -m bench.accuracy --data breast --eps 3 --repeats 3 --json
+    uv run python -m bench.accuracy --data blood --set rounds=40      # the README's blood-cell command
 
 For each data set in ../shared/data (read its README; a missing folder is skipped with a
 reason) and each epsilon:
@@ -42,13 +43,13 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def federated(data: str, eps: float, repeat: int, workdir: Path) -> dict:
+def federated(data: str, eps: float, repeat: int, workdir: Path, overrides: list[str]) -> dict:
     """One real simulation; its final central scores, the epsilons its ledger reached, the audit's verdict."""
     name = f"{data}-eps{eps:g}-run{repeat}"
     out, odometer = workdir / f"run-{name}", workdir / f"odometer-{name}"
     command = [sys.executable, str(ROOT / "simulate.py"), "--out", str(out)]
-    for setting in SOURCES[data] + FEDERATION + [f"privacy.max_epsilon={eps}",
-                                                 f"privacy.odometer_dir={odometer}"]:
+    for setting in SOURCES[data] + FEDERATION + overrides + [f"privacy.max_epsilon={eps}",
+                                                             f"privacy.odometer_dir={odometer}"]:
         command += ["--set", setting]
     started = time.perf_counter()
     log = workdir / f"{name}.log"
@@ -112,6 +113,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the table as one JSON object")
     parser.add_argument("--real", action="store_true", help="federated points through simulate.py (Flower)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config setting for every point, e.g. --set rounds=40 (repeatable)")
     parser.add_argument("--keep", default=None, help="keep run directories and logs here")
     parser.add_argument("--plot-dir", default=str(RESULTS), help="where the PNGs go (default: %(default)s)")
     args = parser.parse_args()
@@ -131,15 +134,15 @@ def main():
                         if not args.json:
                             print(f"{data} epsilon {eps:g} {mode} run {repeat} ...", file=sys.stderr, flush=True)
                         if mode == "fed" and args.real:
-                            runs.append(federated(data, eps, repeat, workdir))
+                            runs.append(federated(data, eps, repeat, workdir, args.overrides))
                         else:
-                            config = config_for(data, [f"privacy.max_epsilon={eps}"])
+                            config = config_for(data, args.overrides + [f"privacy.max_epsilon={eps}"])
                             runs.append(run(config, mode))
                     table[mode][f"{eps:g}"] = point(runs)
-            table["nonprivate"] = point([run(config_for(data, []), "nonprivate") for _ in range(args.repeats)])
+            table["nonprivate"] = point([run(config_for(data, args.overrides), "nonprivate") for _ in range(args.repeats)])
             png = Path(args.plot_dir) / f"accuracy_{data}.png"
             plot(data, table, png)
-            config = config_for(data, [])
+            config = config_for(data, args.overrides)
             table["recipe"] = {"rounds": config.rounds, "batch_size": config.train.batch_size,
                                "local_epochs": config.train.local_epochs, "learning_rate": config.train.learning_rate,
                                "momentum": config.train.momentum, "model": vars(config.model),
