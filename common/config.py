@@ -37,7 +37,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    filters: list[int] = field(default_factory=lambda: [16, 32, 64])  # Conv2D widths, one conv+pool block each
+    filters: list[int] = field(default_factory=lambda: [16, 32, 32])  # Conv2D widths, one conv+pool block each
     dense_units: int = 64  # width of the Dense layer before the output
     activation: str = "tanh"  # tanh | relu | elu | sigmoid (bounded ones train better under DP)
     normalization: str = "group"  # group (GroupNorm without affine weights) | none; never batch norm
