@@ -44,6 +44,9 @@ def build_model(input_shape, num_classes, filters=(16, 32, 64), dense_units=64, 
                 normalization="none", head="flatten"):
     """Return an uncompiled Keras Sequential CNN for images of `input_shape` (H, W, C).
 
+    The defaults are the reference network that bench/dp_sgd.py times (BENCHMARKS.md
+    section 1); a run's network comes from its config (common/config.py ModelConfig).
+
     normalization "group": GroupNorm between each convolution and its activation. It
     normalises within one example (unlike batch norm), so clipping still bounds each
     example. It carries no scale or offset of its own, the next layer's weights absorb

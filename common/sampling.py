@@ -20,8 +20,9 @@ def expected_batch_size(batch_size: int | str, num_examples: int) -> int:
     at least about 4 DP-SGD steps (momentum needs steps to build up), and no hospital goes
     past 128, the best batch measured on blood cells (n 536-1,051; 64 lost 14 points and 256
     3-5). Measured against n / 2 (BENCHMARKS.md section 3): n / 4 gives BreastMNIST (n ~110)
-    16 and balanced accuracy 0.576 against 0.535 over 8 splits; the digits (n ~260) lose 2-3
-    points at 64 against 128; blood cells get 128 either way.
+    16 and balanced accuracy 0.546 over 24 runs against 0.535 over 8, within its run-to-run
+    spread; the digits (n ~260) lose 2-3 points at 64 against 128; blood cells get 128 either
+    way. The rule stands on giving small hospitals more than 2-3 steps a round.
     """
     if batch_size != "auto":
         return int(batch_size)

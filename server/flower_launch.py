@@ -3,7 +3,7 @@ Configuration naming it, and one `flwr run APP CONNECTION --stream` on the hospi
 
 Everything it starts (SuperLink, SuperExec, flwr-simulation, Ray) ends with it. The user's
 own `~/.flwr/config.toml` is never touched: a throw-away FLWR_HOME, unless the user set one.
-Only Flower's public commands are used (flower-superlink, flwr run, flwr ls), so any flwr
+Only Flower's public commands are used (flower-superlink, flwr run, flwr list), so any flwr
 within pyproject's range works.
 """
 from __future__ import annotations
