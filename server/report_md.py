@@ -105,19 +105,6 @@ def _label_plot(counts: dict[str, list[int]], class_names: list[str], path: Path
     plt.close(figure)
 
 
-def _label_counts(config) -> tuple[dict[str, list[int]], list[str]] | None:
-    """(hospital -> class counts, class names) of a simulation's partition, or None."""
-    import numpy as np
-
-    from common.federation import load_federation
-
-    federation = load_federation(config)
-    k = len(federation.dataset.class_names)
-    counts = {s.name: np.bincount(np.asarray(s.train_y, dtype=np.int64), minlength=k).tolist()
-              for s in federation.shards}
-    return counts, [str(c) for c in federation.dataset.class_names]
-
-
 def _privacy_section(ledger: list[dict]) -> list[str]:
     latest: dict[str, dict] = {}
     steps: dict[str, int] = {}
@@ -171,8 +158,11 @@ def _scores_section(metrics: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(run, config, simulated: bool) -> Path:
-    """Write `<run-dir>/report.md` and its plots from the run directory's files; return its path."""
+def write_report(run, config, labels: tuple[dict[str, list[int]], list[str]] | None = None) -> Path:
+    """Write `<run-dir>/report.md` and its plots from the run directory's files; return its path.
+
+    `labels`: (training examples per class of each hospital, class names), known only in a
+    simulation; a deployment's coordinator never sees a hospital's labels."""
     path = Path(run.path)
     ledger = _jsonl(path / "privacy_ledger.jsonl")
     metrics = _jsonl(path / "metrics.jsonl")
@@ -194,11 +184,9 @@ def write_report(run, config, simulated: bool) -> Path:
     if evaluation:
         _hospital_accuracy_plot(evaluation, path / "report_hospital_accuracy.png")
         figures.append(("report_hospital_accuracy.png", "Accuracy per hospital"))
-    if simulated:
-        counts = _label_counts(config)
-        if counts:
-            _label_plot(*counts, path / "report_labels.png")
-            figures.append(("report_labels.png", "Label distribution per hospital"))
+    if labels:
+        _label_plot(*labels, path / "report_labels.png")
+        figures.append(("report_labels.png", "Label distribution per hospital"))
     lines += ["## Plots", ""]
     lines += [f"![{title}]({name})" + "\n" for name, title in figures if (path / name).is_file()]
     lines += ["## Settings", "", "```yaml", yaml.safe_dump(resolved, sort_keys=False).strip(), "```", ""]

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import from_dict, from_run_config, to_dict
 from common.errors import UserError
-from common.federation import central_test_set
+from common.federation import central_test_set, hospital_label_counts
 from common.metrics import evaluate_model
 from common.model import make_model
 from common.tf_setup import keras
@@ -318,7 +318,8 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         raise
     try:
         _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed)
-        write_report(run, config, simulated=bool(simulated))
+        labels = (hospital_label_counts(config, dataset), [str(c) for c in dataset.class_names]) if simulated else None
+        write_report(run, config, labels)
     except Exception as error:  # noqa: BLE001
         _record_failure(run, completed, strategy, error)
         raise

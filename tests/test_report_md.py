@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import yaml
 
 from common.config import load_config, to_dict
+from common.federation import central_test_set, hospital_label_counts, load_federation
 from server.report_md import write_report
 
 
@@ -30,7 +31,9 @@ def _fake_run(path: Path, hospitals: int, rounds: int):
 
 def test_report_at_50_hospitals_states_every_epsilon_and_embeds_its_plots(tmp_path):
     config = _fake_run(tmp_path, hospitals=50, rounds=3)
-    report = write_report(SimpleNamespace(path=tmp_path), config, simulated=True)
+    dataset, _, _ = central_test_set(config)
+    labels = hospital_label_counts(config, dataset), [str(c) for c in dataset.class_names]
+    report = write_report(SimpleNamespace(path=tmp_path), config, labels)
     text = report.read_text()
     for i in range(50):  # the privacy statement names every hospital with its epsilon
         assert f"| hospital-{i} | {1.5 + 0.01 * i:.3f} | 1e-05 | 8 |" in text
@@ -42,6 +45,18 @@ def test_report_at_50_hospitals_states_every_epsilon_and_embeds_its_plots(tmp_pa
 
 def test_report_of_a_deployment_draws_no_label_distribution(tmp_path):
     config = _fake_run(tmp_path, hospitals=3, rounds=2)
-    text = write_report(SimpleNamespace(path=tmp_path), config, simulated=False).read_text()
+    text = write_report(SimpleNamespace(path=tmp_path), config).read_text()
     assert "report_labels.png" not in text and not (tmp_path / "report_labels.png").exists()
     assert "| hospital-2 | 0.510 | 1.000 |" in text  # per-hospital table when few hospitals
+
+
+def test_the_coordinators_label_counts_match_the_hospitals_shards_without_their_images():
+    """The report's label plot comes from labels alone: the coordinator drops the training images."""
+    config = load_config(None, ["hospitals=7", "data.partition=dirichlet", "data.alpha=0.5", "train.batch_size=4"])
+    dataset, test_x, test_y = central_test_set(config)
+    assert len(dataset.train_x) == 0 and dataset.input_shape == (8, 8, 1)
+    federation = load_federation(config)
+    assert len(test_y) == len(federation.test_y) and (test_x == federation.test_x).all()
+    counts = hospital_label_counts(config, dataset)
+    for shard in federation.shards:
+        assert counts[shard.name] == [int((shard.train_y == k).sum()) for k in range(10)]
