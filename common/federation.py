@@ -31,10 +31,19 @@ class Shard:
 
 @dataclass
 class Federation:
-    dataset: Dataset  # shapes, classes and loader notes
+    dataset: Dataset  # shapes, classes, labels and loader notes; its training images are in the shards
     test_x: np.ndarray  # central held-out test set (evaluated by the coordinator)
     test_y: np.ndarray
     shards: list[Shard]
+
+
+def _without_training_images(dataset: Dataset) -> Dataset:
+    """`dataset` with its labels, test split and description but not its training images.
+
+    Once the shards hold their own copies, nobody trains on the source's array: at 224 px
+    RGB the blood-cell folder's training images are 0.7 GB that each process would hold twice.
+    """
+    return dataclasses.replace(dataset, train_x=np.empty((0, *dataset.train_x.shape[1:]), dataset.train_x.dtype))
 
 
 def hospital_name(index: int) -> str:
@@ -89,7 +98,8 @@ def build_federation(config: Config) -> Federation:
             shards.append(_shard(name, train_x, train_y, data.local_eval_fraction, config.seed + index))
             tests_x.append(test_x)
             tests_y.append(test_y)
-        federation = Federation(datasets[0], np.concatenate(tests_x), np.concatenate(tests_y), shards)
+        federation = Federation(_without_training_images(datasets[0]), np.concatenate(tests_x),
+                                np.concatenate(tests_y), shards)
     else:
         dataset = load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image,
                                        color=data.color)
@@ -97,7 +107,7 @@ def build_federation(config: Config) -> Federation:
         x, y = dataset.train_x, dataset.train_y
         test_x, test_y = (dataset.test_x, dataset.test_y) if test is None else (x[test], y[test])
         shards = [Shard(name, x[train], y[train], x[held], y[held]) for name, (train, held) in zip(names, hospitals)]
-        federation = Federation(dataset, test_x, test_y, shards)
+        federation = Federation(_without_training_images(dataset), test_x, test_y, shards)
     check_shards([s.train_y for s in federation.shards], names, config.train.batch_size)
     return federation
 
@@ -115,9 +125,7 @@ def load_federation(config: Config) -> Federation:
 def central_test_set(config: Config) -> tuple[Dataset, np.ndarray, np.ndarray]:
     """(dataset, test_x, test_y) for the coordinator, split exactly as in `build_federation`.
 
-    For a single source the returned dataset keeps its labels but not its training images:
-    the coordinator never trains, and at 224 px RGB the blood-cell folder's training images
-    alone are 0.7 GB held for the whole run.
+    The coordinator never trains: it keeps the labels (for the report), not the training images.
     """
     if isinstance(config.data.path, list):
         federation = load_federation(config)
@@ -126,8 +134,7 @@ def central_test_set(config: Config) -> tuple[Dataset, np.ndarray, np.ndarray]:
     dataset = load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image,
                                        color=data.color)
     _, _, test_x, test_y = _central_split(dataset, config, config.seed)
-    images_dropped = np.empty((0, *dataset.train_x.shape[1:]), dataset.train_x.dtype)  # keeps input_shape
-    return dataclasses.replace(dataset, train_x=images_dropped), test_x, test_y
+    return _without_training_images(dataset), test_x, test_y
 
 
 def hospital_label_counts(config: Config, dataset: Dataset) -> dict[str, list[int]]:
