@@ -13,8 +13,8 @@ common.privacy.plan_noise, as with `dp.noise_multiplier: auto`. Modes:
   epsilon, batch, epochs per round and rounds (so the same number of passes over the data);
 - nonprivate: FedAvg without noise on the same split (gradients still clipped to C: without
   clipping the default step diverges, and clipping alone discloses nothing).
-Prints one JSON object per run. Used by bench.accuracy for its centralized and non-private
-columns; its federated column runs the real simulation.
+Prints one JSON object per run. bench.accuracy uses it for every column (its `--real` runs
+the federated points through simulate.py instead).
 """
 from __future__ import annotations
 

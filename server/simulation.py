@@ -74,7 +74,7 @@ def check_writable(out: Path) -> None:
 def prepare(args):
     """Resolve the config, check the data and the run directory before anything starts."""
     from common.config import load_config, to_dict
-    from common.federation import load_federation
+    from common.federation import build_federation
     from common.partition import hospital_table
 
     if args.resume:
@@ -101,7 +101,9 @@ def prepare(args):
         if not found:
             raise UserError(f"model.builder {config.model.builder!r}: no module {module!r} on this Python's path; "
                             "install it or add its folder to PYTHONPATH")
-    federation = load_federation(config)
+    # Not the per-process cache: the table needs the data once, and this process then only
+    # streams Flower's output for the whole run (at 224 px it would hold ~1 GB of images).
+    federation = build_federation(config)
     if not args.resume:  # after the data checks: a refused run leaves no directory behind
         check_writable(out)
     for note in federation.dataset.notes:
