@@ -6,22 +6,10 @@ C, sums, adds N(0, (sigma*C)^2) to every coordinate and divides by the *expected
 q*n. The drawn size depends on who is in the data, so it is never used as the divisor, and
 an empty draw is a valid, noise-only step.
 
-Why it is fast: a Sequential model of Conv2D/Dense layers is walked layer by layer, keeping
-each layer's input a and pre-activation z. One backward pass of the summed per-example
-losses gives dL/dz, and because no layer mixes examples, row i of dL/dz belongs to example i
-alone. From (a, dL/dz) each example's squared gradient norm is exact and cheap:
-
-- Dense (2-D input): ||a_i||^2 ||g_i||^2 for the kernel, ||g_i||^2 for the bias.
-- Conv2D: the per-example kernel gradient patches_i^T g_i (materialised for one layer at a
-  time, b*K*O floats; the clipped sum is then a weighted sum of them), or, for tiny feature
-  maps, the "ghost norm" sum_{t,s} (a_t . a_s)(g_t . g_s); the bias gradient is g summed over
-  positions.
-
-The clipped sum then needs no second backward pass: the clip factors c_i scale the rows of
-dL/dz and one weight-gradient product per layer (matmul / Conv2DBackpropFilter, or a
-weighted sum of the per-example kernels already computed) gives the sum. Layers the walk
-does not know run on a correct, slower path (tf.vectorized_map over examples), with one
-warning per process.
+Why it is fast: each example's gradient norm and the clipped sum come from one backward
+pass, layer by layer, without materialising per-example gradients (common/layer_terms.py).
+Models whose layers that walk does not know run on a correct, slower path
+(tf.vectorized_map over examples), with one warning per process.
 """
 from __future__ import annotations
 
@@ -33,38 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.model import GroupNorm, model_input, per_example_loss
-from common.tf_setup import keras, tf
+from common.layer_terms import (clip_factors, conv_terms, dense_terms, finite_rows, loss_from_logits, make_plan,
+                                 per_example_bytes)
+from common.model import model_input, per_example_loss
+from common.tf_setup import tf
 
 log = logging.getLogger(__name__)
-
-# Layers without trainable weights that act on each example on its own (called with
-# training=False: the engine clips one example's influence, and inference-mode layers are
-# per-example by construction).
-_PER_EXAMPLE_LAYERS = (
-    keras.layers.InputLayer,
-    keras.layers.Flatten,
-    keras.layers.Reshape,
-    keras.layers.Permute,
-    keras.layers.Activation,
-    keras.layers.ReLU,
-    keras.layers.LeakyReLU,
-    keras.layers.ELU,
-    keras.layers.Softmax,
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout2D,
-    keras.layers.GaussianNoise,
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.ZeroPadding2D,
-    keras.layers.Cropping2D,
-    keras.layers.Rescaling,
-    keras.layers.GroupNormalization,  # only without scale/offset (no trainable weights): see _make_plan
-    keras.layers.LayerNormalization,
-    GroupNorm,
-)
 
 _warned: set[str] = set()
 
@@ -83,15 +45,6 @@ class TrainStats:
     batch_sizes: list[int]  # Poisson-drawn batch size of every step (may be 0)
     mean_loss: float  # mean per-example loss over all drawn examples (nan if none drawn)
     seconds: float  # wall-clock time of the whole call
-
-
-@dataclass
-class _LayerPlan:
-    kind: str  # "dense", "conv" (trainable, handled by the fast path) or "call"
-    layer: object
-    kernel_index: int | None = None  # position in model.trainable_variables
-    bias_index: int | None = None
-    ghost: bool = False  # Conv2D: ghost norm (True) or per-example kernels (False)
 
 
 class DPSGDEngine:
@@ -132,12 +85,12 @@ class DPSGDEngine:
         self._variables = list(model.trainable_variables)
         self._velocity = ([tf.Variable(tf.zeros_like(v), trainable=False) for v in self._variables]
                           if self.momentum else None)
-        self._plan, reason = _make_plan(model, self._variables)
+        self._plan, reason = make_plan(model, self._variables)
         self.fast_path = self._plan is not None
         # Examples processed at once: per-example terms (im2col patches, per-example kernels,
         # activations) grow with the image, so a 224 px batch of 256 would need ~15 GB.
         # Clipping is per example, so summing chunk by chunk is exact.
-        self.chunk_size = max(1, int(memory_budget // _per_example_bytes(model, self._plan)))
+        self.chunk_size = max(1, int(memory_budget // per_example_bytes(model, self._plan)))
         if not self.fast_path:
             _warn_once(reason, f"DP-SGD: {reason}; using the slower per-example-gradient path "
                                "(tf.vectorized_map), which is exact but several times slower")
@@ -339,7 +292,7 @@ class DPSGDEngine:
                 if i == last and act in ("softmax", "sigmoid"):
                     logits = z  # cross-entropy from logits: what Keras itself does, and stabler
                 h = layer.activation(z)
-            losses = _loss_from_logits(y, logits, act) if logits is not None else per_example_loss(y, h)
+            losses = loss_from_logits(y, logits, act) if logits is not None else per_example_loss(y, h)
             if mask is not None:
                 losses = losses * mask
             total = tf.reduce_sum(losses)
@@ -349,12 +302,12 @@ class DPSGDEngine:
         finish = []  # per record: function of clip factors c -> {var index: clipped sum}
         for (p, a, _), g in zip(records, grads):
             if p.kind == "dense":
-                sq, fin = _dense_terms(p, a, g)
+                sq, fin = dense_terms(p, a, g)
             else:
-                sq, fin = _conv_terms(p, a, g)
+                sq, fin = conv_terms(p, a, g)
             sq_norm += sq
             finish.append(fin)
-        clip, finite = _clip_factors(sq_norm, losses, self.l2_norm_clip)
+        clip, finite = clip_factors(sq_norm, losses, self.l2_norm_clip)
         sums = [None] * len(self._variables)
         for fin in finish:
             for index, value in fin(clip).items():
@@ -377,8 +330,8 @@ class DPSGDEngine:
             per_ex = [g * tf.reshape(mask, [-1] + [1] * (g.shape.rank - 1)) for g in per_ex]
             losses = losses * mask
         sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), 1) for g in per_ex])
-        clip, finite = _clip_factors(sq, losses, self.l2_norm_clip)
-        sums = [tf.tensordot(clip, _finite_rows(g, finite), 1) for g in per_ex]
+        clip, finite = clip_factors(sq, losses, self.l2_norm_clip)
+        sums = [tf.tensordot(clip, finite_rows(g, finite), 1) for g in per_ex]
         return sums, tf.reduce_sum(tf.where(finite, losses, 0.0))
 
 
@@ -395,188 +348,6 @@ def scheduled_learning_rate(base: float, schedule: str, round_number: int, round
         raise ValueError(f"unknown learning-rate schedule {schedule!r}")
     progress = min(max(round_number - 1, 0), rounds) / max(rounds, 1)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _clip_factors(sq_norm, losses, clip_norm):
-    """(c_i = min(1, C/||g_i||), finite_i): c_i = 0 for an example whose gradient or loss is not finite.
-
-    C / max(norm, C) does not bound NaN, and weights chosen by a hostile coordinator can make
-    one example's loss overflow: that example then counts as zero (norm 0 <= C), so it moves
-    the sum by at most C whatever the weights. Written so a zero gradient gives c_i = 1."""
-    finite = tf.math.is_finite(sq_norm) & tf.math.is_finite(losses)
-    safe_sq = tf.where(finite, sq_norm, 0.0)
-    return tf.where(finite, clip_norm / tf.maximum(tf.sqrt(safe_sq), clip_norm), 0.0), finite
-
-
-def _finite_rows(x, keep):
-    """x with the rows (examples) where keep is False set to zero: 0 * NaN would still be NaN."""
-    return tf.where(tf.reshape(keep, [-1] + [1] * (x.shape.rank - 1)), x, tf.zeros_like(x))
-
-
-# ---------------------------------------------------------------------- layer maths
-
-
-def _loss_from_logits(y, logits, activation):
-    """Per-example cross-entropy from the last layer's logits (equal to per_example_loss)."""
-    if activation == "sigmoid":
-        labels = tf.reshape(tf.cast(y, logits.dtype), tf.shape(logits))
-        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits), -1)
-    labels = tf.reshape(tf.cast(y, tf.int32), [-1])
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-
-
-def _dense_terms(p, a, g):
-    """Squared per-example norms and clipped-sum builder for a Dense layer on 2-D input."""
-    g_sq = tf.reduce_sum(tf.square(g), 1)  # (b,)
-    sq = tf.reduce_sum(tf.square(a), 1) * g_sq
-    if p.bias_index is not None:
-        sq += g_sq
-
-    def finish(clip):
-        keep = clip > 0  # rows of non-finite examples are zeroed, inputs included (inf * 0 is NaN)
-        cg = _finite_rows(g, keep) * clip[:, None]
-        out = {p.kernel_index: tf.matmul(_finite_rows(a, keep), cg, transpose_a=True)}
-        if p.bias_index is not None:
-            out[p.bias_index] = tf.reduce_sum(cg, 0)
-        return out
-
-    return sq, finish
-
-
-def _conv_terms(p, a, g):
-    """Squared per-example norms and clipped-sum builder for a Conv2D layer (NHWC)."""
-    layer = p.layer
-    kh, kw = layer.kernel_size
-    sh, sw = layer.strides
-    dh, dw = layer.dilation_rate
-    padding = layer.padding.upper()
-    out_ch = g.shape[-1]
-    b = tf.shape(a)[0]
-    patches, k_major = _patches(a, layer, g.shape[1], g.shape[2])
-    g_flat = tf.reshape(g, [b, -1, out_ch])  # (b, T, O)
-    gb = None
-    sq = 0.0
-    if p.bias_index is not None:
-        gb = tf.reduce_sum(g_flat, 1)  # (b, O)
-        sq = tf.reduce_sum(tf.square(gb), 1)
-    if p.ghost:
-        # ||sum_t a_t g_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s): cheaper when T is small.
-        gram_a = tf.matmul(patches, patches, transpose_a=k_major, transpose_b=not k_major)  # (b, T, T)
-        gram_g = tf.matmul(g_flat, g_flat, transpose_b=True)
-        sq += tf.reduce_sum(gram_a * gram_g, [1, 2])
-    else:
-        per_ex_kernel = tf.matmul(patches, g_flat, transpose_a=not k_major)  # (b, K, O): one weight gradient's flops
-        sq += tf.reduce_sum(tf.square(per_ex_kernel), [1, 2])
-
-    def finish(clip):
-        keep = clip > 0  # rows of non-finite examples are zeroed, inputs included (inf * 0 is NaN)
-        if p.ghost:
-            kernel = tf.raw_ops.Conv2DBackpropFilter(
-                input=_finite_rows(a, keep), filter_sizes=tf.shape(layer.kernel),
-                out_backprop=_finite_rows(g, keep) * clip[:, None, None, None],
-                strides=[1, sh, sw, 1], padding=padding, dilations=[1, dh, dw, 1])
-        else:
-            kernel = tf.reshape(tf.tensordot(clip, _finite_rows(per_ex_kernel, keep), 1), layer.kernel.shape)
-        out = {p.kernel_index: kernel}
-        if gb is not None:
-            out[p.bias_index] = tf.tensordot(clip, _finite_rows(gb, keep), 1)
-        return out
-
-    return sq, finish
-
-
-def _patches(a, layer, h_out, w_out):
-    """The im2col matrix of a Conv2D input, (b, T, K) or, flagged True, (b, K, T).
-
-    T = h_out*w_out positions, K = kh*kw*c_in in the kernel's (kh, kw, c_in) order.
-    Built from kh*kw strided slices of the padded input: on CPU this is several times faster
-    than tf.image.extract_patches, which XLA also lowers to a wasteful identity convolution."""
-    kh, kw = layer.kernel_size
-    sh, sw = layer.strides
-    dh, dw = layer.dilation_rate
-    height, width, c_in = a.shape[1], a.shape[2], a.shape[3]
-    if layer.padding == "same":  # TF's SAME: the odd pixel of padding goes bottom/right
-        ph = max((h_out - 1) * sh + (kh - 1) * dh + 1 - height, 0)
-        pw = max((w_out - 1) * sw + (kw - 1) * dw + 1 - width, 0)
-        a = tf.pad(a, [[0, 0], [ph // 2, ph - ph // 2], [pw // 2, pw - pw // 2], [0, 0]])
-    cols = [a[:, i * dh: i * dh + (h_out - 1) * sh + 1: sh, j * dw: j * dw + (w_out - 1) * sw + 1: sw, :]
-            for i in range(kh) for j in range(kw)]
-    b = tf.shape(a)[0]
-    if c_in == 1:  # stacking whole planes copies contiguous rows; concat on a 1-wide axis does not
-        return tf.reshape(tf.stack(cols, 1), [b, kh * kw, h_out * w_out]), True
-    return tf.reshape(tf.concat(cols, -1), [b, h_out * w_out, kh * kw * c_in]), False
-
-
-# ---------------------------------------------------------------------- planning
-
-
-def _make_plan(model, variables):
-    """Layer plan for the fast path, or (None, reason) when the model needs the slow path."""
-    if not isinstance(model, keras.Sequential):
-        return None, f"model type {type(model).__name__} is not a keras.Sequential"
-    index = {v.ref(): i for i, v in enumerate(variables)}
-    plan, covered = [], set()
-    for layer in model.layers:
-        name = type(layer).__name__
-        try:
-            in_shape, out_shape = layer.input_shape, layer.output_shape
-        except (AttributeError, RuntimeError):  # e.g. a layer shared between models
-            return None, f"layer {layer.name} ({name}) has no single known input/output shape"
-        if not layer.trainable_weights:
-            if isinstance(layer, _PER_EXAMPLE_LAYERS) or type(layer) in (keras.layers.Dense, keras.layers.Conv2D):
-                plan.append(_LayerPlan("call", layer))
-                continue
-            return None, f"layer {layer.name} ({name}) is not known to act per example"
-        if type(layer) is keras.layers.Dense:
-            if len(in_shape) != 2:
-                return None, f"Dense layer {layer.name} has input of rank {len(in_shape)}"
-            entry = _LayerPlan("dense", layer)
-        elif type(layer) is keras.layers.Conv2D:
-            if layer.groups != 1 or layer.data_format != "channels_last" or layer.padding not in ("same", "valid"):
-                return None, f"Conv2D layer {layer.name} uses groups/channels_first/causal padding"
-            kh, kw = layer.kernel_size
-            _, h_out, w_out, out_ch = out_shape
-            t = h_out * w_out
-            k = kh * kw * in_shape[-1]
-            # Per-example kernels cost one weight gradient's flops (t*k*o) and then make the
-            # clipped sum almost free; the ghost norm adds t^2 (k + o) and still needs that
-            # weight gradient for the sum. So it pays only when the grams are smaller than
-            # the per-example kernels themselves (tiny feature maps, wide layers).
-            entry = _LayerPlan("conv", layer, ghost=t * t * (k + out_ch) < k * out_ch)
-        else:
-            return None, f"layer {layer.name} ({name}) has trainable weights the fast path does not support"
-        entry.kernel_index = index.get(layer.kernel.ref())
-        entry.bias_index = index.get(layer.bias.ref()) if layer.use_bias else None
-        if entry.kernel_index is None or (layer.use_bias and entry.bias_index is None):
-            return None, f"layer {layer.name} has only some of its weights trainable"
-        if len(layer.trainable_weights) != (2 if layer.use_bias else 1):
-            return None, f"layer {layer.name} has extra trainable weights"
-        covered.update(w.ref() for w in layer.trainable_weights)
-        plan.append(entry)
-    if covered != set(index):
-        return None, "some trainable variables do not belong to a top-level Conv2D/Dense layer"
-    return plan, ""
-
-
-def _per_example_bytes(model, plan) -> int:
-    """A generous estimate of one example's working memory in a DP-SGD step (float32)."""
-    floats = 0
-    for layer in model.layers:
-        try:
-            size_in = int(np.prod(layer.input_shape[1:]))
-            size_out = int(np.prod(layer.output_shape[1:]))
-        except (AttributeError, RuntimeError, TypeError):
-            return 64 * 2**20  # unknown shapes: assume large, chunks stay small
-        floats += size_in + 3 * size_out  # input, pre-activation, its gradient, activation
-    for p in plan or []:
-        if p.kind == "conv":
-            _, h_out, w_out, out_ch = p.layer.output_shape
-            k = int(np.prod(p.layer.kernel.shape[:3]))
-            t = h_out * w_out
-            floats += 2 * t * k + (2 * t * t if p.ghost else k * out_ch)  # patches (+ a copy), kernels
-    if plan is None:  # the slow path holds a full per-example gradient of every variable
-        floats += 2 * sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    return 4 * 2 * floats  # float32, and a factor 2 for the backward pass's temporaries
 
 
 def _pad_size(n, q):
