@@ -158,7 +158,7 @@ def _scores_section(metrics: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(run, config, labels: tuple[dict[str, list[int]], list[str]] | None = None) -> Path:
+def write_report(run, labels: tuple[dict[str, list[int]], list[str]] | None = None) -> Path:
     """Write `<run-dir>/report.md` and its plots from the run directory's files; return its path.
 
     `labels`: (training examples per class of each hospital, class names), known only in a

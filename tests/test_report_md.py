@@ -33,7 +33,7 @@ def test_report_at_50_hospitals_states_every_epsilon_and_embeds_its_plots(tmp_pa
     config = _fake_run(tmp_path, hospitals=50, rounds=3)
     dataset, _, _ = central_test_set(config)
     labels = hospital_label_counts(config, dataset), [str(c) for c in dataset.class_names]
-    report = write_report(SimpleNamespace(path=tmp_path), config, labels)
+    report = write_report(SimpleNamespace(path=tmp_path), labels)
     text = report.read_text()
     for i in range(50):  # the privacy statement names every hospital with its epsilon
         assert f"| hospital-{i} | {1.5 + 0.01 * i:.3f} | 1e-05 | 8 |" in text
@@ -44,8 +44,8 @@ def test_report_at_50_hospitals_states_every_epsilon_and_embeds_its_plots(tmp_pa
 
 
 def test_report_of_a_deployment_draws_no_label_distribution(tmp_path):
-    config = _fake_run(tmp_path, hospitals=3, rounds=2)
-    text = write_report(SimpleNamespace(path=tmp_path), config).read_text()
+    _fake_run(tmp_path, hospitals=3, rounds=2)
+    text = write_report(SimpleNamespace(path=tmp_path)).read_text()
     assert "report_labels.png" not in text and not (tmp_path / "report_labels.png").exists()
     assert "| hospital-2 | 0.510 | 1.000 |" in text  # per-hospital table when few hospitals
 
