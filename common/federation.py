@@ -64,6 +64,21 @@ def _shard(name, x, y, fraction, seed) -> Shard:
     return Shard(name, x[train_idx], y[train_idx], x[eval_idx], y[eval_idx])
 
 
+def _pool_and_test(dataset: Dataset, config: Config):
+    """(indices of `dataset.train_x` the hospitals share, indices held out for the coordinator
+    or None when the source's own test split is the central one)."""
+    if dataset.test_x is not None and len(dataset.test_x):
+        return np.arange(len(dataset.train_y)), None
+    return split_test(len(dataset.train_y), config.data.test_fraction, seed=config.seed)
+
+
+def _test_set(dataset: Dataset, test) -> tuple[np.ndarray, np.ndarray]:
+    """The central test images and labels for `_pool_and_test`'s `test`."""
+    if test is None:
+        return dataset.test_x, dataset.test_y
+    return dataset.train_x[test], dataset.train_y[test]
+
+
 def _hospital_indices(dataset: Dataset, config: Config):
     """Where a single source's examples go: (central test indices or None, [(train, eval) per hospital]).
 
@@ -72,10 +87,7 @@ def _hospital_indices(dataset: Dataset, config: Config):
     without holding the images.
     """
     data = config.data
-    if dataset.test_x is not None and len(dataset.test_x):
-        pool, test = np.arange(len(dataset.train_y)), None
-    else:
-        pool, test = split_test(len(dataset.train_y), data.test_fraction, seed=config.seed)
+    pool, test = _pool_and_test(dataset, config)
     parts = partition(dataset.train_y[pool], config.hospitals, data.partition, alpha=data.alpha, seed=config.seed)
     hospitals = []
     for index, idx in enumerate(parts):
@@ -105,7 +117,7 @@ def build_federation(config: Config) -> Federation:
                                        color=data.color)
         test, hospitals = _hospital_indices(dataset, config)
         x, y = dataset.train_x, dataset.train_y
-        test_x, test_y = (dataset.test_x, dataset.test_y) if test is None else (x[test], y[test])
+        test_x, test_y = _test_set(dataset, test)
         shards = [Shard(name, x[train], y[train], x[held], y[held]) for name, (train, held) in zip(names, hospitals)]
         federation = Federation(_without_training_images(dataset), test_x, test_y, shards)
     check_shards([s.train_y for s in federation.shards], names, config.train.batch_size)
@@ -133,12 +145,12 @@ def central_test_set(config: Config) -> tuple[Dataset, np.ndarray, np.ndarray]:
     data = config.data
     dataset = load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image,
                                        color=data.color)
-    _, _, test_x, test_y = _central_split(dataset, config, config.seed)
+    test_x, test_y = _test_set(dataset, _pool_and_test(dataset, config)[1])  # no copy of the training part
     return _without_training_images(dataset), test_x, test_y
 
 
-def hospital_label_counts(config: Config, dataset: Dataset) -> dict[str, list[int]]:
-    """Training examples per class of each simulated hospital (for the run report).
+def hospital_label_counts(config: Config, dataset: Dataset) -> tuple[dict[str, list[int]], list[str]]:
+    """(training examples per class of each simulated hospital, class names), for the run report.
 
     From `dataset`'s labels alone for a single source (images not needed: see
     `central_test_set`); from the cached federation when each hospital has its own files.
@@ -149,4 +161,5 @@ def hospital_label_counts(config: Config, dataset: Dataset) -> dict[str, list[in
     else:
         _, hospitals = _hospital_indices(dataset, config)
         labels = {hospital_name(i): dataset.train_y[train] for i, (train, _) in enumerate(hospitals)}
-    return {name: np.bincount(np.asarray(y, dtype=np.int64), minlength=k).tolist() for name, y in labels.items()}
+    counts = {name: np.bincount(np.asarray(y, dtype=np.int64), minlength=k).tolist() for name, y in labels.items()}
+    return counts, [str(c) for c in dataset.class_names]

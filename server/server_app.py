@@ -318,8 +318,7 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         raise
     try:
         _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed)
-        labels = (hospital_label_counts(config, dataset), [str(c) for c in dataset.class_names]) if simulated else None
-        write_report(run, labels)
+        write_report(run, hospital_label_counts(config, dataset) if simulated else None)
     except Exception as error:  # noqa: BLE001
         _record_failure(run, completed, strategy, error)
         raise

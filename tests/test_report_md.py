@@ -32,8 +32,7 @@ def _fake_run(path: Path, hospitals: int, rounds: int):
 def test_report_at_50_hospitals_states_every_epsilon_and_embeds_its_plots(tmp_path):
     config = _fake_run(tmp_path, hospitals=50, rounds=3)
     dataset, _, _ = central_test_set(config)
-    labels = hospital_label_counts(config, dataset), [str(c) for c in dataset.class_names]
-    report = write_report(SimpleNamespace(path=tmp_path), labels)
+    report = write_report(SimpleNamespace(path=tmp_path), hospital_label_counts(config, dataset))
     text = report.read_text()
     for i in range(50):  # the privacy statement names every hospital with its epsilon
         assert f"| hospital-{i} | {1.5 + 0.01 * i:.3f} | 1e-05 | 8 |" in text
@@ -57,6 +56,7 @@ def test_the_coordinators_label_counts_match_the_hospitals_shards_without_their_
     assert len(dataset.train_x) == 0 and dataset.input_shape == (8, 8, 1)
     federation = load_federation(config)
     assert len(test_y) == len(federation.test_y) and (test_x == federation.test_x).all()
-    counts = hospital_label_counts(config, dataset)
+    counts, names = hospital_label_counts(config, dataset)
+    assert names == [str(k) for k in range(10)]
     for shard in federation.shards:
         assert counts[shard.name] == [int((shard.train_y == k).sum()) for k in range(10)]
