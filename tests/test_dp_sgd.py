@@ -11,12 +11,18 @@ from common.tf_setup import keras, tf, tf_privacy
 
 
 def naive_clipped_sum(model, x, y, clip):
-    """Textbook clipping: one example at a time, clip by global norm, sum. Returns (sums, norms)."""
+    """Textbook clipping: one example's gradient at a time, clip by global norm, sum. Returns (sums, norms).
+
+    The forward pass runs on the whole batch, as the engine's does: a batch of one can round a
+    convolution differently, and where two inputs of a max-pooling window nearly tie, that
+    rounding routes the gradient to the other input. Examples do not mix (no batch statistics,
+    no dropout at training=False), so each loss's gradient is that example's gradient."""
     sums = [np.zeros(v.shape, np.float64) for v in model.trainable_variables]
     norms = []
-    for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(per_example_loss(y[i:i + 1], model(x[i:i + 1], training=False)))
+    with tf.GradientTape(persistent=True) as tape:
+        losses = per_example_loss(y, model(x, training=False))
+        per_example = [losses[i] for i in range(len(x))]
+    for loss in per_example:
         grads = tape.gradient(loss, model.trainable_variables)
         norm = float(tf.linalg.global_norm(grads))
         norms.append(norm)
@@ -33,10 +39,13 @@ def clip_between(norms):
 
 
 def assert_sums_close(got, want):
+    # float32 sums over examples and pixels cancel: an entry near zero carries the rounding of the
+    # large terms it sums, so the absolute slack scales with the layer's largest entry. A wrong clip
+    # factor or a lost example moves entries by 1e-2 or more.
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.shape == w.shape
-        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5 * max(1.0, np.abs(w).max()))
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-4 * max(1.0, np.abs(w).max()))
 
 
 def data(shape, classes, n=12, seed=0):
@@ -90,7 +99,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_clipped_sum_equals_naive_loop(name):
     make, shape, classes = CASES[name]
-    tf.random.set_seed(1)
+    keras.utils.set_random_seed(1)
     model = make()
     x, y = data(shape, classes)
     _, norms = naive_clipped_sum(model, x, y, 1.0)
@@ -103,7 +112,7 @@ def test_clipped_sum_equals_naive_loop(name):
 
 def test_ghost_norm_conv_layer_equals_naive_loop():
     # Tiny feature maps, many channels: the planner picks the ghost norm for both convs.
-    tf.random.set_seed(2)
+    keras.utils.set_random_seed(2)
     model = keras.Sequential([keras.layers.InputLayer(input_shape=(3, 3, 16)),
                               keras.layers.Conv2D(32, 3, padding="valid", activation="tanh"),
                               keras.layers.Conv2D(24, 3, strides=2, padding="same", activation="tanh"),
@@ -119,7 +128,7 @@ def test_ghost_norm_conv_layer_equals_naive_loop():
 
 
 def test_xla_padded_path_equals_naive_loop():
-    tf.random.set_seed(3)
+    keras.utils.set_random_seed(3)
     model = build_model((16, 16, 1), 2)
     x, y = data((16, 16, 1), 2, n=10)
     _, norms = naive_clipped_sum(model, x, y, 1.0)
@@ -136,7 +145,7 @@ def test_xla_padded_path_equals_naive_loop():
 def test_matches_tensorflow_privacy_vectorized_optimizer():
     """tf-privacy with noise 0 returns the clipped MEAN over the batch: times n is our sum."""
     _, dp_vectorized, _ = tf_privacy()
-    tf.random.set_seed(4)
+    keras.utils.set_random_seed(4)
     model = build_model((16, 16, 1), 3)
     x, y = data((16, 16, 1), 3, n=8)
     _, norms = naive_clipped_sum(model, x, y, 1.0)
@@ -152,7 +161,7 @@ def test_matches_tensorflow_privacy_vectorized_optimizer():
 
 def test_unsupported_layer_uses_slow_path_and_is_exact(caplog, monkeypatch):
     monkeypatch.setattr(dp_sgd, "_warned", set())  # the warning is once per process
-    tf.random.set_seed(5)
+    keras.utils.set_random_seed(5)
     model = keras.Sequential([keras.layers.InputLayer(input_shape=(8, 8, 1)),
                               keras.layers.Conv2D(4, 3, activation="tanh"),
                               keras.layers.LayerNormalization(),
@@ -176,7 +185,7 @@ def test_unsupported_layer_uses_slow_path_and_is_exact(caplog, monkeypatch):
 
 def test_noise_has_std_sigma_c_over_expected_batch():
     """With q = 1 every example is drawn: update minus noise-free update is lr * noise / n."""
-    tf.random.set_seed(6)
+    keras.utils.set_random_seed(6)
     model = keras.Sequential([keras.layers.InputLayer(input_shape=(200,)),
                               keras.layers.Dense(100, activation="tanh"),
                               keras.layers.Dense(2, activation="softmax")])
@@ -197,7 +206,7 @@ def test_noise_has_std_sigma_c_over_expected_batch():
 
 def test_divides_by_expected_not_drawn_batch_size():
     """Identical examples: the update is lr * k * clipped_grad / (q n) for the drawn k."""
-    tf.random.set_seed(8)
+    keras.utils.set_random_seed(8)
     model = dense_model()
     x = np.tile(np.linspace(-1, 1, 6, dtype=np.float32), (40, 1))
     y = np.full(40, 2)
@@ -214,7 +223,7 @@ def test_divides_by_expected_not_drawn_batch_size():
 
 
 def test_momentum_matches_keras_legacy_sgd():
-    tf.random.set_seed(10)
+    keras.utils.set_random_seed(10)
     model = dense_model()
     reference = keras.models.clone_model(model)
     reference.set_weights(model.get_weights())
@@ -232,7 +241,7 @@ def test_momentum_matches_keras_legacy_sgd():
 
 
 def test_poisson_batch_sizes_and_no_retrace():
-    tf.random.set_seed(11)
+    keras.utils.set_random_seed(11)
     model = dense_model()
     x, y = data((6,), 3, n=200)
     n, q = 200, 0.1
@@ -249,7 +258,7 @@ def test_poisson_batch_sizes_and_no_retrace():
 
 
 def test_empty_draws_are_noise_only_steps():
-    tf.random.set_seed(13)
+    keras.utils.set_random_seed(13)
     model = dense_model()
     x, y = data((6,), 3, n=5)
     before = [v.numpy().copy() for v in model.trainable_variables]
@@ -284,7 +293,7 @@ def test_seed_reproduces_and_none_is_unpredictable():
 
 
 def test_training_changes_weights_and_lowers_loss_without_noise():
-    tf.random.set_seed(15)
+    keras.utils.set_random_seed(15)
     model = build_model((16, 16, 1), 2)
     x, y = data((16, 16, 1), 2, n=32)
     engine = DPSGDEngine(model, l2_norm_clip=10.0, noise_multiplier=0.0, learning_rate=0.05, seed=16)
@@ -316,8 +325,14 @@ def test_bad_train_arguments_are_refused(q, steps):
 
 def test_large_images_are_processed_in_chunks_exactly():
     """A memory budget smaller than one batch splits the per-example work; the sum is unchanged."""
-    tf.random.set_seed(2)
-    model = build_model((32, 32, 1), 3, (8, 8), 8)
+    keras.utils.set_random_seed(2)
+    # Strided convolutions, no max pooling: chunks of one round a convolution differently from
+    # the whole batch, and a near-tie in a pooling window would then move the gradient elsewhere.
+    model = keras.Sequential([keras.layers.InputLayer(input_shape=(32, 32, 1)),
+                              keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="tanh"),
+                              keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="tanh"),
+                              keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])
     x, y = data((32, 32, 1), 3, n=24)
     whole = DPSGDEngine(model, l2_norm_clip=0.5, noise_multiplier=1.0, learning_rate=0.1, seed=0)
     tiny = DPSGDEngine(model, l2_norm_clip=0.5, noise_multiplier=1.0, learning_rate=0.1, seed=0,
@@ -330,7 +345,7 @@ def test_large_images_are_processed_in_chunks_exactly():
 
 
 def test_uint8_images_are_scaled_like_floats():
-    tf.random.set_seed(3)
+    keras.utils.set_random_seed(3)
     model = build_model((8, 8, 1), 3, (4,), 8)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(10, 8, 8, 1), dtype=np.uint8)
