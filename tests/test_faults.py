@@ -61,8 +61,17 @@ def _checkpointed_round(run: Path) -> int:
         return -1
 
 
+def _status_round(run: Path) -> int:
+    try:
+        return json.loads((run / "status.json").read_text())["rounds_completed"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
 def _wait_for_round(process, run: Path, round_number: int) -> None:
-    while _checkpointed_round(run) < round_number:
+    # The checkpoint is written first, status.json just after it: wait for both, so that a kill
+    # right after this finds the round in each.
+    while min(_checkpointed_round(run), _status_round(run)) < round_number:
         assert process.poll() is None, f"the run ended before round {round_number}"
         time.sleep(0.2)
 

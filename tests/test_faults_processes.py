@@ -65,7 +65,10 @@ def test_a_ray_worker_killed_mid_round_is_named_and_the_run_resumes_with_every_c
     odometer, run = tmp_path / "odometer", tmp_path / "run"
     # One Ray worker (it reserves every CPU): both hospitals train on it, one after the other,
     # so the worker is certainly busy with a hospital's round when it is killed.
-    args = [*SMALL, "--set", "hospitals=2", "--set", f"rounds={ROUNDS}", "--set", "train.fraction_evaluate=0",
+    # Twenty local epochs make a hospital's round last seconds, not a fraction of one: the kill
+    # lands while the charged hospital still trains, not after it has replied.
+    args = [*SMALL, "--set", "train.local_epochs=20", "--set", "hospitals=2", "--set", f"rounds={ROUNDS}",
+            "--set", "train.fraction_evaluate=0",
             "--set", f"simulation.cpus_per_client={os.cpu_count() or 1}", "--set", f"privacy.odometer_dir={odometer}"]
     process = _start([*args, "--out", str(run)], tmp_path, "killed-worker")
     try:
@@ -75,6 +78,7 @@ def test_a_ray_worker_killed_mid_round_is_named_and_the_run_resumes_with_every_c
         workers = _poll(lambda: _ray_workers(process.pid), process, 60, "the Ray worker")
         assert len(workers) == 1, [_command(w) for w in workers]
         workers[0].kill()  # SIGKILL: the hospital's worker process is gone
+        victims = _charged(odometer, 2)  # whoever was charged for round 2 by the time of the kill
     except BaseException:
         _kill_tree(process.pid)
         raise

@@ -73,6 +73,17 @@ def test_an_overflowing_example_moves_the_clipped_sum_by_at_most_c(build, jit):
 
 # ------------------------------------------------------------------ what a hospital sends on failure
 
+@pytest.fixture(autouse=True)
+def _restore_task_identity():
+    """_message sets Flower's task identity as the coordinator's process would: put it back, so
+    no later test inherits this file's run id."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
 def _message(message_type, content):
     from flwr.app import Message
     from flwr.supercore.task_identity import TaskIdentity

@@ -20,7 +20,9 @@ def test_only_the_newest_simulation_launch_survives(tmp_path):
                                          f"sh {launch} & wait"])
     try:
         def launches():
-            return sorted((p for p in psutil.Process(root.pid).children() if str(launch) in " ".join(p.cmdline())),
+            # Exactly "sh <launch>": a child the root has forked but not yet exec'd still carries
+            # the root's own command line, which names the launch too.
+            return sorted((p for p in psutil.Process(root.pid).children() if p.cmdline()[:2] == ["sh", str(launch)]),
                           key=lambda p: p.create_time())
 
         deadline = time.time() + 10

@@ -8,6 +8,7 @@ import functools
 import inspect
 import logging
 import math
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 
@@ -111,7 +112,9 @@ def _compute_all(jobs: list[tuple[History, float]], want_rdp: bool, workers: int
     else:
         size = math.ceil(len(ordered) / workers)  # contiguous chunks: each base is built once
         chunks = [ordered[i:i + size] for i in range(0, len(ordered), size)]
-        with ProcessPoolExecutor(max_workers=len(chunks)) as pool:
+        # Spawned, not forked: a process that has started TensorFlow's or Ray's threads (a test
+        # run, a notebook) can deadlock a forked child on a lock some thread held at the fork.
+        with ProcessPoolExecutor(max_workers=len(chunks), mp_context=multiprocessing.get_context("spawn")) as pool:
             results = [r for part in pool.map(_compute_chunk, chunks, [want_rdp] * len(chunks)) for r in part]
     unsorted = [None] * len(jobs)
     for position, result in zip(order, results):
