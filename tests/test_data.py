@@ -46,8 +46,9 @@ def user_error(fn, *args, **kwargs) -> str:
 def test_modules_do_not_import_tensorflow():
     # Other tests may have imported TF already, so read the sources instead of sys.modules.
     import common.data as d
+    import common.image_folder as f
     import common.partition as p
-    for mod in (d, p):
+    for mod in (d, f, p):
         src = open(mod.__file__).read()
         assert "import tensorflow" not in src and "tf_setup" not in src
 
