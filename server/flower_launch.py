@@ -41,10 +41,17 @@ RELAUNCHES_TOLERATED = 10  # ~30-40 s each: minutes of patience on a busy machin
 
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 now: all probes stay open until every port is
+    drawn, so two of them can never be the same port."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def child_environment(flwr_home: Path) -> dict:
@@ -136,7 +143,7 @@ class Simulation:
 
     # -- start-up -------------------------------------------------------------------------------------
     def start_superlink(self) -> None:
-        self.port, control = _free_port(), _free_port()
+        self.port, control = free_ports(2)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         log_file = self.flwr_home / "superlink.log"
         command = [_executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",

@@ -6,7 +6,6 @@ a private FLWR_HOME and private ports, and stops the SuperLink Flower leaves run
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +14,10 @@ import psutil
 import pytest
 import yaml
 
+from server.flower_launch import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _stop_managed_superlink(flwr_home: Path) -> None:
@@ -42,8 +38,9 @@ def _stop_managed_superlink(flwr_home: Path) -> None:
 def test_flwr_run_dot_simulates_as_many_hospitals_as_supernodes_with_flat_overrides(tmp_path):
     flwr_home = tmp_path / "flwr-home"
     run_dir, odometer = tmp_path / "run", tmp_path / "odometer"
+    http_port, control_port = free_ports(2)
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
     flwr = Path(sys.executable).parent / "flwr"
     command = [str(flwr), "run", ".", "--stream",
                "--federation-config", "num-supernodes=3",
