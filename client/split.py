@@ -9,6 +9,12 @@ later run keeps each known example on its side, whatever its settings say.
 An example's side is decided by its own content: evaluation when
 SHA-256(seed, example hash) / 2^256 < fraction. Examples added later are placed by the same
 rule with the stored seed and fraction, so adding data never moves an earlier example.
+
+An example's hash is taken from its pixels as loaded, and how they are loaded (image size,
+colour) comes from the run config. A coordinator that changed those would make every
+example look new, to be placed afresh: some trained examples would land in evaluation. So
+the file also records how the images were prepared, and a run that prepares them otherwise
+is refused before anything is charged.
 """
 from __future__ import annotations
 
@@ -32,12 +38,35 @@ def _is_eval(example_hash: str, seed: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
-def hospital_split(hashes: list[str], path: str | Path, fraction: float, seed: str) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, eval indices) of the examples with `hashes`, stored in/reused from `path`."""
+class PreparationChanged(UserError):
+    """The run prepares the images otherwise than when the split was made: refused, uncharged."""
+
+    category = "settings"
+
+
+def hospital_split(hashes: list[str], path: str | Path, fraction: float, seed: str,
+                   prepared: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, eval indices) of the examples with `hashes`, stored in/reused from `path`.
+
+    `prepared` says how the images were loaded (image size, colour); it must match the file's."""
     path = Path(path)
     stored = _read(path)
     if stored is None:
-        stored = {"version": VERSION, "eval_fraction": fraction, "split_seed": seed, "eval": [], "train": []}
+        stored = {"version": VERSION, "eval_fraction": fraction, "split_seed": seed, "eval": [], "train": [],
+                  "prepared": prepared}
+    elif "prepared" not in stored:
+        # A file from before "prepared" was recorded: adopt this run's preparation only if the
+        # examples are the known ones (the same preparation); else they would all be placed anew.
+        known = set(stored["eval"]) | set(stored["train"])
+        if known and sum(h in known for h in hashes) < 0.5 * len(hashes):
+            raise PreparationChanged(f"most examples are not in the hospital's split {path}: the images are "
+                                     "prepared differently from when it was made (data.image_size or data.color)")
+        stored["prepared"] = prepared
+        _write(path, stored)
+    elif stored["prepared"] != prepared:
+        raise PreparationChanged(f"the hospital's split {path} was made from images prepared as "
+                                 f"{stored['prepared']}; this run asks for {prepared}, under which every "
+                                 "example would be placed anew (trained ones into evaluation)")
     elif (stored["eval_fraction"], stored["split_seed"]) != (fraction, seed) and str(path) not in _WARNED:
         _WARNED.add(str(path))
         log.warning("%s keeps the split it was made with (eval-fraction %s): examples never move between "
@@ -62,7 +91,8 @@ def _read(path: Path) -> dict | None:
         if not (isinstance(stored, dict) and stored.get("version") == VERSION
                 and isinstance(stored.get("eval"), list) and isinstance(stored.get("train"), list)
                 and isinstance(stored.get("split_seed"), str)
-                and isinstance(stored.get("eval_fraction"), (int, float))):
+                and isinstance(stored.get("eval_fraction"), (int, float))
+                and isinstance(stored.get("prepared", {}), dict)):
             raise ValueError
         return stored
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):

@@ -16,7 +16,7 @@ import numpy as np
 
 from client.odometer import SIMULATION_ODOMETER, OdometerError, PrivacyOdometer, example_hashes, fingerprint
 from client.split import hospital_split
-from common.config import Config, ModelConfig
+from common.config import RANGES, Config, ModelConfig
 from common.data import load_dataset
 from common.dp_sgd import DPSGDEngine, scheduled_learning_rate
 from common.errors import UserError
@@ -27,6 +27,7 @@ from common.privacy import NoisePlan, PrivacyEvent, epsilon, plan_noise, useful_
 from common.sampling import expected_batch_size, sampling_rate_for, steps_for
 
 log = logging.getLogger("hospital")
+CLIP_RANGE = RANGES["dp.l2_norm_clip"][:2]  # what the config accepts is what a hospital accepts
 
 
 @dataclass
@@ -68,7 +69,8 @@ class TrainSettings:
             raise SettingsError(f"training setting lr_schedule={self.lr_schedule!r} is not cosine or constant")
         for name, ok in (("batch_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
                          ("local_epochs", lambda v: v > 0), ("learning_rate", lambda v: v > 0),
-                         ("momentum", lambda v: 0 <= v < 1), ("l2_norm_clip", lambda v: v > 0),
+                         ("momentum", lambda v: 0 <= v < 1),
+                         ("l2_norm_clip", lambda v: CLIP_RANGE[0] <= v <= CLIP_RANGE[1]),
                          ("noise_multiplier", lambda v: v >= 0),
                          ("planned_rounds", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
             value = getattr(self, name)
@@ -177,6 +179,16 @@ def _finite_number(node_config: dict, key: str) -> float:
     return value
 
 
+def _switch(node_config: dict, key: str, *, default: bool) -> bool:
+    """A yes/no node setting; anything else is refused rather than read as the default."""
+    value = str(node_config.get(key, default)).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise UserError(f"node config {key}={node_config[key]!r} is not true or false")
+
+
 def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     """A real hospital: data, budget, odometer and split from its own node config, never the server's."""
     required = ("hospital-id", "data-path", "max-epsilon", "delta", "odometer-path")
@@ -190,6 +202,11 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     eval_fraction = _finite_number(node_config, "eval-fraction") if "eval-fraction" in node_config else 0.1
     if not 0 <= eval_fraction < 1:
         raise UserError(f"node config eval-fraction must be in [0, 1), got {eval_fraction:g}")
+    allowed_builders = [b.strip() for b in str(node_config.get("model-builders", "")).split(",")]
+    if config.model.builder and config.model.builder not in allowed_builders:
+        # The builder is code that runs here and decides what a step clips: the hospital's choice.
+        raise SettingsError(f"the coordinator asks for model builder {config.model.builder!r}, which this "
+                            "hospital's node config does not allow (model-builders=\"package.module:function\")")
     odometer_path = Path(str(node_config["odometer-path"])).absolute()
     source = str(node_config.get("data-source", "npz"))
     dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size, color=config.data.color,
@@ -202,8 +219,9 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
         # The hospital's split: its own fraction and seed, stored beside the odometer the first
         # time and reused; nothing in the run config can move an example.
         seed = str(node_config.get("split-seed", fingerprint(hashes)))
+        prepared = {"image_size": config.data.image_size} | ({"color": config.data.color} if source == "folder" else {})
         train_idx, eval_idx = hospital_split(hashes, odometer_path.with_name(odometer_path.name + ".split.json"),
-                                             eval_fraction, seed)
+                                             eval_fraction, seed, prepared)
         train_x, train_y, eval_x, eval_y = train_x[train_idx], train_y[train_idx], train_x[eval_idx], train_y[eval_idx]
         hashes = [hashes[i] for i in train_idx]
     if len(train_y) == 0:
@@ -211,7 +229,7 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     _check_delta(name, delta, len(train_y))
     odometer = PrivacyOdometer(odometer_path, name, max_epsilon, delta,
                                data_fingerprint=fingerprint(hashes))
-    evaluate = str(node_config.get("evaluate", True)).lower() not in ("false", "0", "no")
+    evaluate = _switch(node_config, "evaluate", default=True)
     site = HospitalSite(name, train_x, train_y, eval_x, eval_y, dataset.num_classes, odometer, evaluate)
     _announce(site, "this hospital's own")
     return site
@@ -235,7 +253,11 @@ def _prepared(config: Config, input_shape, num_classes, weights, settings):
     model_json = json.dumps(dataclasses.asdict(config.model), sort_keys=True)  # hashable: the cache's key
     model, engine = _trainer(tuple(input_shape), num_classes, model_json,
                              settings.l2_norm_clip, settings.learning_rate, settings.momentum)
-    model.set_weights(weights)
+    try:
+        model.set_weights(weights)
+    except ValueError:
+        raise SettingsError("the coordinator's weights do not fit this hospital's model "
+                            "(their number or shapes differ)") from None
     return model, engine
 
 
@@ -321,6 +343,13 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
         return TrainOutcome("budget_exhausted", declined, site.odometer.spent(),
                             site.odometer.events(exclude_run=run_id), num_examples, False, epsilon_needed=needed)
     event = PrivacyEvent(plan.noise_multiplier, plan.sampling_rate, plan.steps_per_round)
+    # What the coordinator's settings or weights could make fail, fails before the charge.
+    learning_rate = scheduled_learning_rate(settings.learning_rate, settings.lr_schedule, round_number,
+                                            settings.planned_rounds)
+    if not learning_rate > 0:
+        raise SettingsError(f"round {round_number} is past the {settings.planned_rounds} rounds planned: "
+                            "its learning rate would be 0")
+    model, engine = _prepared(config, site.train_x.shape[1:], site.num_classes, weights, settings)
     # Read, budget check and charge under one exclusive lock; the charge is on disk before
     # training starts, so no update can leave uncounted.
     reservation = site.odometer.reserve(event, run_id, round_number)
@@ -332,10 +361,8 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
         return TrainOutcome("budget_exhausted", declined, reservation.spent, prior, num_examples, False,
                             epsilon_needed=epsilon_after)
 
-    model, engine = _prepared(config, site.train_x.shape[1:], site.num_classes, weights, settings)
     carried = engine.set_velocity(velocity)  # zeros first: never another hospital's momentum
-    engine.learning_rate = scheduled_learning_rate(settings.learning_rate, settings.lr_schedule, round_number,
-                                                   settings.planned_rounds)
+    engine.learning_rate = learning_rate
     engine.noise_multiplier = event.noise_multiplier
     stats = engine.train(site.train_x, site.train_y, sampling_rate=event.sampling_rate, steps=event.steps)
     log.info("%s round %d: %d DP-SGD steps in %.2f s, local train loss %.4f (not released)",

@@ -123,7 +123,10 @@ RANGES = {
     "train.min_hospitals": (1, None, True, None),
     "train.round_timeout": (0, None, False, None),
     "seed": (0, 2**32, True, False),  # NumPy and TensorFlow seeds are 32-bit
-    "dp.l2_norm_clip": (0, None, False, None),
+    # Bounded both ways: below 1e-4 the noise sigma*C of a float32 step nears the smallest normal
+    # float (CPUs flush smaller values to zero, which would drop the noise and keep the gradient);
+    # above 1e4 sums of clipped gradients can overflow. DP-SGD clip norms sit in 0.1-10.
+    "dp.l2_norm_clip": (1e-4, 1e4, True, True),
     "privacy.max_epsilon": (0, None, False, None),
     "privacy.delta": (0, 1, False, False),
     "simulation.cpus_per_client": (0, None, False, None),

@@ -200,6 +200,107 @@ def test_the_deployed_split_is_the_hospitals_and_survives_other_run_configs(tmp_
     assert first.odometer.data_fingerprint == changed.odometer.data_fingerprint != ""
 
 
+def test_a_coordinator_that_changes_how_images_are_prepared_cannot_move_an_example(tmp_path):
+    """Resized images hash differently: without the check, every example would be placed anew."""
+    import json
+
+    from client.split import PreparationChanged
+    from client.task import deployment_site
+    from common.config import load_config
+
+    rng = np.random.default_rng(2)
+    data = tmp_path / "h.npz"
+    np.savez(data, train_images=rng.integers(0, 256, (200, 8, 8), dtype=np.uint8),
+             train_labels=rng.integers(0, 2, 200))
+    node = {"hospital-id": "h", "data-source": "npz", "data-path": str(data), "max-epsilon": 8.0,
+            "delta": 1e-5, "odometer-path": str(tmp_path / "odo.jsonl"), "eval-fraction": 0.2}
+    first = deployment_site(node, load_config(None, []))
+    with pytest.raises(PreparationChanged) as refused:
+        deployment_site(node, load_config(None, ["data.image_size=10"]))
+    assert refused.value.category == "settings"
+    split_file = tmp_path / "odo.jsonl.split.json"
+    # A split file written before the preparation was recorded: a changed preparation is
+    # refused too, the same one adopted.
+    stored = json.loads(split_file.read_text())
+    del stored["prepared"]
+    split_file.write_text(json.dumps(stored))
+    with pytest.raises(PreparationChanged):
+        deployment_site(node, load_config(None, ["data.image_size=10"]))
+    again = deployment_site(node, load_config(None, []))
+    assert {r.tobytes() for r in again.eval_x} == {r.tobytes() for r in first.eval_x}
+    assert json.loads(split_file.read_text())["prepared"] == {"image_size": 0}
+
+
+def test_a_model_builder_runs_only_if_the_hospital_allows_it(tmp_path):
+    from client.task import SettingsError, deployment_site
+    from common.config import load_config
+
+    folder = _image_folder(tmp_path / "data")
+    node = {"hospital-id": "h", "data-source": "folder", "data-path": str(folder), "max-epsilon": 8.0,
+            "delta": 1e-5, "odometer-path": str(tmp_path / "odo.jsonl")}
+    config = load_config(None, ["model.builder=tests.apps.builders:tiny"])
+    with pytest.raises(SettingsError, match="does not allow"):
+        deployment_site(node, config)
+    site = deployment_site({**node, "model-builders": "other:thing, tests.apps.builders:tiny"}, config)
+    assert len(site.train_y) > 0
+
+
+@pytest.mark.parametrize("value, expected", [("false", False), ("off", False), ("No", False), ("true", True),
+                                             ("disabled", None), ("", None)])
+def test_the_evaluation_switch_refuses_what_it_cannot_read(tmp_path, value, expected):
+    from client.task import deployment_site
+    from common.config import load_config
+    from common.errors import UserError
+
+    folder = _image_folder(tmp_path / "data")
+    node = {"hospital-id": "h", "data-source": "folder", "data-path": str(folder), "max-epsilon": 8.0,
+            "delta": 1e-5, "odometer-path": str(tmp_path / "odo.jsonl"), "evaluate": value}
+    if expected is None:
+        with pytest.raises(UserError, match="evaluate"):
+            deployment_site(node, load_config(None, []))
+    else:
+        assert deployment_site(node, load_config(None, [])).evaluate is expected
+
+
+@pytest.mark.parametrize("clip", [2.3e-38, 1e-5, 2e38])
+def test_a_clip_bound_outside_the_range_is_refused_by_config_and_hospital(clip):
+    from client.task import SettingsError, TrainSettings
+    from common.config import load_config
+    from common.errors import UserError
+
+    # sigma * C below float32's smallest normal number is flushed to 0 on CPUs: noise gone.
+    with pytest.raises(SettingsError, match="l2_norm_clip"):
+        TrainSettings(4, 1.0, 0.1, 0.0, "constant", clip, 0.5, 3)
+    with pytest.raises(UserError, match="l2_norm_clip"):
+        load_config(None, [f"dp.l2_norm_clip={clip}"])
+
+
+@pytest.mark.parametrize("change", ["past_the_plan", "wrong_weights"])
+def test_settings_that_break_the_step_are_refused_before_any_charge(tmp_path, change):
+    from flwr.app import ArrayRecord
+
+    from client.client_app import app
+
+    folder = _image_folder(tmp_path / "data")
+    context = _context({"data-source": "folder", "data-path": str(folder)}, tmp_path)
+    content = _train_content()
+    if change == "past_the_plan":  # cosine at a round beyond the plan: a learning rate of 0
+        content["config"]["lr_schedule"], content["config"]["server-round"] = "cosine", 4
+        content["arrays"] = ArrayRecord(_default_model_weights((16, 16, 1)))
+    reply = app(_message("train", content), context)
+    assert reply.has_error() and reply.error.reason == "settings"
+    assert not (tmp_path / "odometer.jsonl").exists()
+    why = {"past_the_plan": "past the 3 rounds planned", "wrong_weights": "do not fit this hospital's model"}
+    assert why[change] in (tmp_path / "odometer.errors.log").read_text()  # the details stay local
+
+
+def _default_model_weights(input_shape):
+    from common.config import ModelConfig
+    from common.model import make_model
+
+    return make_model(ModelConfig(), input_shape, 2).get_weights()
+
+
 # ------------------------------------------------------------------ config refuses non-numbers
 
 @pytest.mark.parametrize("override", ["train.learning_rate=nan", "privacy.max_epsilon=nan",
