@@ -185,8 +185,11 @@ def make_plan(model, variables):
             in_shape, out_shape = layer.input_shape, layer.output_shape
         except (AttributeError, RuntimeError):  # e.g. a layer shared between models
             return None, f"layer {layer.name} ({name}) has no single known input/output shape"
+        mixing = _mixes_examples(layer, len(in_shape))
+        if mixing:
+            return None, f"layer {layer.name} ({name}) {mixing}"
         if not layer.trainable_weights:
-            if isinstance(layer, PER_EXAMPLE_LAYERS) or type(layer) in (keras.layers.Dense, keras.layers.Conv2D):
+            if type(layer) in PER_EXAMPLE_LAYERS or type(layer) in (keras.layers.Dense, keras.layers.Conv2D):
                 plan.append(LayerPlan("call", layer))
                 continue
             return None, f"layer {layer.name} ({name}) is not known to act per example"
@@ -219,6 +222,29 @@ def make_plan(model, variables):
     if covered != set(index):
         return None, "some trainable variables do not belong to a top-level Conv2D/Dense layer"
     return plan, ""
+
+
+def _mixes_examples(layer, rank: int) -> str:
+    """Why `layer` might mix the examples of a batch ("" when it cannot).
+
+    The fast path runs each layer on the whole batch and takes row i of dL/dz as example i's
+    alone: a softmax or normalisation over the batch axis, or an activation that is not one of
+    Keras's own (a function of the whole tensor), would break that. Exact types only: a
+    subclass can override what a listed layer does. Such models take the exact per-example path.
+    """
+    activation = getattr(layer, "activation", None)
+    if activation is not None:
+        try:
+            builtin = keras.activations.get(keras.activations.serialize(activation)) is activation
+        except (ValueError, TypeError, OSError):
+            builtin = False
+        if not builtin:
+            return "has an activation that is not one of Keras's own"
+    if hasattr(layer, "axis"):
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        if any(int(a) % rank == 0 for a in axes):
+            return "acts along the batch axis"
+    return ""
 
 
 def per_example_bytes(model, plan) -> int:

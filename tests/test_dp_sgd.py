@@ -122,6 +122,30 @@ def test_clipped_sum_equals_naive_loop(name):
     assert_sums_close(engine.clipped_gradient_sum(x, y), want)
 
 
+class _MyFlatten(keras.layers.Flatten):
+    pass
+
+
+@pytest.mark.parametrize("mixer", [
+    lambda: keras.layers.Softmax(axis=0),
+    lambda: keras.layers.LayerNormalization(axis=0, center=False, scale=False),
+    lambda: keras.layers.Activation(lambda t: t - tf.reduce_mean(t, axis=0)),
+    lambda: keras.layers.Dense(6, activation=lambda t: t - tf.reduce_mean(t, axis=0)),
+    lambda: _MyFlatten(),  # a subclass may do anything in call()
+])
+def test_layers_that_may_mix_examples_take_the_exact_slow_path(mixer):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.layers.InputLayer(input_shape=(6,)), keras.layers.Dense(6, activation="tanh"),
+                              mixer(), keras.layers.Dense(3, activation="softmax")])
+    engine = DPSGDEngine(model, l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.1, seed=0)
+    assert not engine.fast_path
+    # One example's influence on the clipped sum stays within the clip, whatever the layer does.
+    x, y = data((6,), 3)
+    full = engine.clipped_gradient_sum(x, y)
+    without = engine.clipped_gradient_sum(x[1:], y[1:])
+    assert np.sqrt(sum(np.sum((a.astype(np.float64) - b) ** 2) for a, b in zip(full, without))) <= 1.0 + 1e-5
+
+
 def test_ghost_norm_conv_layer_equals_naive_loop():
     # Tiny feature maps, many channels: the planner picks the ghost norm for both convs.
     keras.utils.set_random_seed(2)
