@@ -174,16 +174,24 @@ def test_budgets_that_are_not_numbers_or_too_loose_are_refused(tmp_path, budget,
 
 # ------------------------------------------------------------------ the hospital owns its split
 
+def _node(tmp_path, source="npz", **extra):
+    """A deployed hospital's node config over 200 random 8x8 images (npz) or a small folder."""
+    if source == "npz":
+        rng = np.random.default_rng(1)
+        data = tmp_path / "h.npz"
+        np.savez(data, train_images=rng.integers(0, 256, (200, 8, 8), dtype=np.uint8),
+                 train_labels=rng.integers(0, 2, 200))
+    else:
+        data = _image_folder(tmp_path / "data")
+    return {"hospital-id": "h", "data-source": source, "data-path": str(data), "max-epsilon": 8.0,
+            "delta": 1e-5, "odometer-path": str(tmp_path / "odo.jsonl"), "eval-fraction": 0.2, **extra}
+
+
 def test_the_deployed_split_is_the_hospitals_and_survives_other_run_configs(tmp_path):
     from client.task import deployment_site
     from common.config import load_config
 
-    rng = np.random.default_rng(1)
-    data = tmp_path / "h.npz"
-    np.savez(data, train_images=rng.integers(0, 256, (200, 8, 8), dtype=np.uint8),
-             train_labels=rng.integers(0, 2, 200))
-    node = {"hospital-id": "h", "data-source": "npz", "data-path": str(data), "max-epsilon": 8.0,
-            "delta": 1e-5, "odometer-path": str(tmp_path / "odo.jsonl"), "eval-fraction": 0.2}
+    node = _node(tmp_path)
 
     def eval_rows(site):
         return {row.tobytes() for row in site.eval_x}
@@ -208,12 +216,7 @@ def test_a_coordinator_that_changes_how_images_are_prepared_cannot_move_an_examp
     from client.task import deployment_site
     from common.config import load_config
 
-    rng = np.random.default_rng(2)
-    data = tmp_path / "h.npz"
-    np.savez(data, train_images=rng.integers(0, 256, (200, 8, 8), dtype=np.uint8),
-             train_labels=rng.integers(0, 2, 200))
-    node = {"hospital-id": "h", "data-source": "npz", "data-path": str(data), "max-epsilon": 8.0,
-            "delta": 1e-5, "odometer-path": str(tmp_path / "odo.jsonl"), "eval-fraction": 0.2}
+    node = _node(tmp_path)
     first = deployment_site(node, load_config(None, []))
     with pytest.raises(PreparationChanged) as refused:
         deployment_site(node, load_config(None, ["data.image_size=10"]))
@@ -235,9 +238,7 @@ def test_a_model_builder_runs_only_if_the_hospital_allows_it(tmp_path):
     from client.task import SettingsError, deployment_site
     from common.config import load_config
 
-    folder = _image_folder(tmp_path / "data")
-    node = {"hospital-id": "h", "data-source": "folder", "data-path": str(folder), "max-epsilon": 8.0,
-            "delta": 1e-5, "odometer-path": str(tmp_path / "odo.jsonl")}
+    node = _node(tmp_path, "folder")
     config = load_config(None, ["model.builder=tests.apps.builders:tiny"])
     with pytest.raises(SettingsError, match="does not allow"):
         deployment_site(node, config)
@@ -252,9 +253,7 @@ def test_the_evaluation_switch_refuses_what_it_cannot_read(tmp_path, value, expe
     from common.config import load_config
     from common.errors import UserError
 
-    folder = _image_folder(tmp_path / "data")
-    node = {"hospital-id": "h", "data-source": "folder", "data-path": str(folder), "max-epsilon": 8.0,
-            "delta": 1e-5, "odometer-path": str(tmp_path / "odo.jsonl"), "evaluate": value}
+    node = _node(tmp_path, "folder", evaluate=value)
     if expected is None:
         with pytest.raises(UserError, match="evaluate"):
             deployment_site(node, load_config(None, []))
