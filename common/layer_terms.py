@@ -53,6 +53,12 @@ PER_EXAMPLE_LAYERS = (
     GroupNorm,
 )
 
+# Keras's own element-wise activations (softmax: along the last axis), by identity: a layer's
+# `activation` is one of these functions unless a builder passed its own.
+KERAS_ACTIVATIONS = frozenset(getattr(keras.activations, name) for name in (
+    "elu", "exponential", "gelu", "hard_sigmoid", "linear", "mish", "relu", "selu", "sigmoid", "softmax",
+    "softplus", "softsign", "swish", "tanh"))
+
 
 @dataclass
 class LayerPlan:
@@ -233,13 +239,8 @@ def _mixes_examples(layer, rank: int) -> str:
     subclass can override what a listed layer does. Such models take the exact per-example path.
     """
     activation = getattr(layer, "activation", None)
-    if activation is not None:
-        try:
-            builtin = keras.activations.get(keras.activations.serialize(activation)) is activation
-        except (ValueError, TypeError, OSError):
-            builtin = False
-        if not builtin:
-            return "has an activation that is not one of Keras's own"
+    if activation is not None and activation not in KERAS_ACTIVATIONS:
+        return "has an activation that is not one of Keras's own"
     if hasattr(layer, "axis"):
         axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
         if any(int(a) % rank == 0 for a in axes):
