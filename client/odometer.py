@@ -29,7 +29,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 
+from common.durable import append_line, replace_file
 from common.errors import UserError
 from common.privacy import PrivacyEvent, epsilon
 
@@ -222,10 +222,7 @@ class PrivacyOdometer:
             "prev": previous,
         }
         line = json.dumps(record)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_line(self.path, line)
         self._all.append(record)
         self._tail = (seq, hashlib.sha256(line.encode()).hexdigest())
         _SEEN[str(self.path)] = len(self._all)
@@ -234,9 +231,4 @@ class PrivacyOdometer:
         self._write_head(*self._tail)
 
     def _write_head(self, seq: int, last: str) -> None:
-        temporary = self.head_path.with_name(self.head_path.name + ".tmp")
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump({"seq": seq, "last": last}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.head_path)
+        replace_file(self.head_path, json.dumps({"seq": seq, "last": last}).encode())

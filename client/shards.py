@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from client.odometer import fingerprint
+from common.durable import replace_file
 
 log = logging.getLogger("hospital")
 _LOADED: dict[str, dict | None] = {}  # shard file contents, per process (a shard id names fixed content)
@@ -38,13 +38,7 @@ class ShardRegistry:
         shard_id = fingerprint(hashes)[:32]
         path = self.directory / f"{shard_id}.json"
         if not path.exists():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump({"source": source, "form": form, "hashes": sorted(set(hashes))}, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
+            replace_file(path, json.dumps({"source": source, "form": form, "hashes": sorted(set(hashes))}).encode())
         _LOADED[str(path)] = {"source": source, "form": form, "hashes": frozenset(hashes)}
         return shard_id
 

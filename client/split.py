@@ -21,11 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
+from common.durable import replace_file
 from common.errors import UserError
 
 log = logging.getLogger("hospital")
@@ -101,10 +101,4 @@ def _read(path: Path) -> dict | None:
 
 
 def _write(path: Path, stored: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(stored, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    replace_file(path, json.dumps(stored).encode())

@@ -16,7 +16,7 @@ import numpy as np
 
 from client.odometer import SIMULATION_ODOMETER, OdometerError, PrivacyOdometer, example_hashes, fingerprint
 from client.split import hospital_split
-from common.config import RANGES, Config, ModelConfig
+from common.config import MAX_PLANNED_EPOCHS, MIN_NOISE, RANGES, Config, ModelConfig
 from common.data import load_dataset
 from common.dp_sgd import DPSGDEngine, scheduled_learning_rate
 from common.errors import UserError
@@ -71,13 +71,18 @@ class TrainSettings:
                          ("local_epochs", lambda v: v > 0), ("learning_rate", lambda v: v > 0),
                          ("momentum", lambda v: 0 <= v < 1),
                          ("l2_norm_clip", lambda v: CLIP_RANGE[0] <= v <= CLIP_RANGE[1]),
-                         ("noise_multiplier", lambda v: v >= 0),
+                         ("noise_multiplier", lambda v: v >= MIN_NOISE),
                          ("planned_rounds", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
             value = getattr(self, name)
             if name in ("noise_multiplier", "batch_size") and value == "auto":
                 continue
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and ok(value)):
                 raise SettingsError(f"training setting {name}={value!r} is out of range or not a finite number")
+        # Accounting a plan costs time and memory that grow with its steps: bound the work a
+        # coordinator can ask for before the hospital computes anything (common/config.py).
+        if self.planned_rounds * self.local_epochs > MAX_PLANNED_EPOCHS:
+            raise SettingsError(f"training settings plan {self.planned_rounds} rounds of {self.local_epochs:g} epochs, "
+                                f"more than the {MAX_PLANNED_EPOCHS} passes over the data a run may account for")
 
     @classmethod
     def from_config(cls, config: Config) -> "TrainSettings":

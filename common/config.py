@@ -21,6 +21,16 @@ from common.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# The smallest noise multiplier a run may use, fixed or planned. Below it a plan's epsilon runs
+# into the hundreds (no budget a privacy officer signs), and the PLD accountant that decides a
+# hospital's charge needs ever more time and memory: sigma 0.1 took 25 s and 5 GB for one
+# 40-round plan, sigma 0.07 ~13 GB. A coordinator must not be able to send that.
+MIN_NOISE = 0.5
+# The most passes over its data (rounds x local epochs) a hospital accounts for in one run.
+# Runs here take 20-40; the bound keeps one accounting call within seconds and a few GB
+# (10^4 steps at sigma 0.5 and q = 1: 11 s, 2.5 GB) whatever a coordinator plans.
+MAX_PLANNED_EPOCHS = 10_000
+
 
 @dataclass
 class DataConfig:
@@ -221,8 +231,12 @@ def validate(config: Config) -> Config:
     sigma = config.dp.noise_multiplier
     if isinstance(sigma, str) and sigma != "auto":
         raise UserError(f"config key 'dp.noise_multiplier' must be a positive number or auto, got {sigma!r}")
-    if not isinstance(sigma, str) and not (math.isfinite(sigma) and sigma > 0):
-        raise UserError(f"config key 'dp.noise_multiplier' must be > 0 (or auto), got {sigma}")
+    if not isinstance(sigma, str) and not (math.isfinite(sigma) and sigma >= MIN_NOISE):
+        raise UserError(f"config key 'dp.noise_multiplier' must be >= {MIN_NOISE} (below it epsilon runs into the "
+                        f"hundreds; or use auto), got {sigma}")
+    if config.rounds * config.train.local_epochs > MAX_PLANNED_EPOCHS:
+        raise UserError(f"rounds x train.local_epochs is {config.rounds * config.train.local_epochs:g}, more passes over "
+                        f"each hospital's data than a run accounts for (at most {MAX_PLANNED_EPOCHS}): lower either")
     batch = config.train.batch_size
     if isinstance(batch, str) and batch != "auto":
         raise UserError(f"config key 'train.batch_size' must be a positive integer or auto, got {batch!r}")

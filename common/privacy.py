@@ -19,6 +19,8 @@ import dp_accounting
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
+from common.config import MIN_NOISE
+
 # RDP's fractional orders near 1 often fail to converge for large q; dp-accounting then drops
 # those orders and logs a warning per order. The remaining orders still give a valid bound.
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -100,11 +102,8 @@ def epsilon(events: list[PrivacyEvent], delta: float, accountant: str = "pld") -
 # ---------------------------------------------------------------------- planning the noise
 
 MAX_NOISE = 50.0  # the bisection's upper end
-# The lower end. Below sigma 0.5 a plan's epsilon runs into the hundreds (no budget a privacy
-# officer signs) and the ledger's PLD accountant needs minutes and gigabytes per hospital
-# (sigma 0.07 for a budget of 1000 took ~13 GB). A plan never goes lower: a huge budget is
-# then underspent, which is the safe side.
-MIN_NOISE = 0.5
+# The lower end is common.config.MIN_NOISE, the smallest sigma any run may use: a plan never
+# goes lower, so a huge budget is then underspent, which is the safe side.
 # The search's upper end comes from RDP at integer orders only: a valid bound (any set of
 # orders is), as tight as the default orders where plans land, and ~10x faster than the
 # default's fractional orders at large q.

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from client.odometer import SIMULATION_ODOMETER
+from common.durable import replace_file
 from common.privacy import PrivacyEvent, epsilon
 from server.ledger import PrivacyLedger
-from server.run_dir import write_atomic
 
 FORMAT = 1
 
@@ -50,10 +50,10 @@ def save(directory: Path, checkpoint: Checkpoint) -> None:
     name = f"weights-{checkpoint.round:05d}.npz"
     buffer = io.BytesIO()
     np.savez(buffer, *checkpoint.weights)
-    write_atomic(directory / name, buffer.getvalue())
+    replace_file(directory / name, buffer.getvalue())
     state = {"format": FORMAT, "round": checkpoint.round, "weights": name, "strategy": checkpoint.strategy,
              "metrics": checkpoint.metrics, "flower_runs": checkpoint.flower_runs}
-    write_atomic(directory / "state.json", json.dumps(state).encode())
+    replace_file(directory / "state.json", json.dumps(state).encode())
     for old in directory.glob("weights-*.npz"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -62,7 +62,7 @@ def save(directory: Path, checkpoint: Checkpoint) -> None:
 def mark_started(directory: Path, round_number: int) -> None:
     """Before a round's messages leave: the round that may have charged the hospitals."""
     directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(directory / "started.json", json.dumps({"round": round_number}).encode())
+    replace_file(directory / "started.json", json.dumps({"round": round_number}).encode())
 
 
 def started_round(directory: Path) -> int:

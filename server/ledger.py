@@ -18,8 +18,9 @@ reason, in rejected.jsonl beside the ledger, not here.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from common.durable import append_line
 
 FIELDS = ("round", "hospital", "status", "noise_multiplier", "sampling_rate", "steps", "sampling",
           "epsilon", "delta", "max_epsilon", "accountant", "num_examples")
@@ -42,10 +43,7 @@ class PrivacyLedger:
         record = {name: record[name] for name in FIELDS}
         if not any(r["hospital"] == record["hospital"] for r in self.records):
             record["prior_events"] = prior_events
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_line(self.path, json.dumps(record))
         self.records.append(record)
         return record
 

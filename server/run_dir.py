@@ -3,12 +3,12 @@ the coordinator's log, rejected replies, checkpoints and the run's outcome (stat
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import yaml
 
+from common.durable import replace_file
 from common.errors import UserError
 
 
@@ -50,11 +50,11 @@ class RunDirectory:
 
     def write_status(self, status: dict) -> None:
         """status.json, replaced atomically (readers never see half a file)."""
-        write_atomic(self.status, json.dumps(status, indent=2).encode())
+        replace_file(self.status, json.dumps(status, indent=2).encode())
 
     def rewrite_metrics(self, records: list[dict]) -> None:
         """metrics.jsonl as exactly `records` (on resume: drop rounds after the checkpoint)."""
-        write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in records).encode())
+        replace_file(self.metrics, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def write_config(self, resolved: dict) -> None:
         self.config.write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -92,11 +92,3 @@ class RunDirectory:
         plt.close(figure)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -293,6 +293,37 @@ def test_settings_that_break_the_step_are_refused_before_any_charge(tmp_path, ch
     assert why[change] in (tmp_path / "odometer.errors.log").read_text()  # the details stay local
 
 
+@pytest.mark.parametrize("settings, why", [
+    ({"noise_multiplier": 0.07}, "noise_multiplier=0.07"),  # its PLD alone would take ~13 GB
+    ({"noise_multiplier": 0.0}, "noise_multiplier=0.0"),
+    ({"planned_rounds": 10**6}, "10000 passes"),  # accounting 10^6 rounds would take minutes and gigabytes
+    ({"local_epochs": 10_001.0, "planned_rounds": 1}, "10000 passes"),
+])
+def test_settings_whose_accounting_would_exhaust_the_hospital_are_refused_before_it(tmp_path, settings, why):
+    from client.client_app import app
+
+    folder = _image_folder(tmp_path / "data")
+    context = _context({"data-source": "folder", "data-path": str(folder)}, tmp_path)
+    content = _train_content()
+    for key, value in settings.items():
+        content["config"][key] = value
+    reply = app(_message("train", content), context)
+    assert reply.has_error() and reply.error.reason == "settings"
+    assert not (tmp_path / "odometer.jsonl").exists()
+    assert why in (tmp_path / "odometer.errors.log").read_text()
+
+
+def test_the_config_refuses_the_same_noise_and_work_a_hospital_would():
+    from common.config import load_config
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match="dp.noise_multiplier' must be >= 0.5"):
+        load_config(None, ["dp.noise_multiplier=0.3"])
+    with pytest.raises(UserError, match="rounds x train.local_epochs"):
+        load_config(None, ["rounds=5001", "train.local_epochs=2"])
+    assert load_config(None, ["dp.noise_multiplier=0.5", "rounds=10000"]).rounds == 10000
+
+
 def _default_model_weights(input_shape):
     from common.config import ModelConfig
     from common.model import make_model
