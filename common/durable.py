@@ -8,6 +8,7 @@ spend its budget twice. So both writers also fsync the directory when they chang
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -48,5 +49,10 @@ def sync_directory(directory: str | Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)
+    except OSError as error:
+        # Some file systems (several network and FUSE ones) cannot sync a directory; the file's
+        # own fsync is then all there is, and refusing to write would only stop the hospital.
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(descriptor)
