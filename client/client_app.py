@@ -127,10 +127,16 @@ def train(msg: Message, context: Context) -> Message:
     # The hospital's momentum from its previous round of this run: kept in the node's own
     # state (Flower keeps a Context per node and run), never sent.
     velocity = context.state["velocity"].to_numpy_ndarrays() if "velocity" in context.state else None
-    outcome = train_round(site, config, settings, weights, _coordinator_run(msg, context),
-                          int(round_config["server-round"]), velocity)
+    run_id = _coordinator_run(msg, context)
+    # A hospital that declined once in a run declines for the rest of it, as its plan said:
+    # re-planned for fewer rounds, crumbs of budget would buy a round of near-pure noise.
+    declined = "declined" in context.state and context.state["declined"].get("run") == run_id
+    outcome = train_round(site, config, settings, weights, run_id, int(round_config["server-round"]), velocity,
+                          declined_before=declined)
     if outcome.velocity is not None:
         context.state["velocity"] = ArrayRecord(outcome.velocity)
+    if outcome.status == "budget_exhausted":
+        context.state["declined"] = ConfigRecord({"run": run_id})
 
     # Only the DP weights, the privacy record (public parameters) and the example count leave.
     metrics = MetricRecord({

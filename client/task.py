@@ -23,7 +23,7 @@ from common.errors import UserError
 from common.federation import load_federation
 from common.metrics import evaluate_model
 from common.model import make_model
-from common.privacy import NoisePlan, PrivacyEvent, epsilon, plan_noise, useful_noise_limit
+from common.privacy import NoisePlan, PrivacyEvent, delta_refusal, epsilon, plan_noise, useful_noise_limit
 from common.sampling import expected_batch_size, sampling_rate_for, steps_for
 
 log = logging.getLogger("hospital")
@@ -121,9 +121,9 @@ def _hashes(x: np.ndarray, y: np.ndarray) -> list[str]:
 
 def _check_delta(name: str, delta: float, n: int) -> None:
     """delta >= 1/n allows publishing a random example outright: refused. Above 1/(10 n): warned."""
-    if delta >= 1.0 / n:
-        raise OdometerError(f"{name}: delta {delta:g} is not below 1/n = {1.0 / n:.3g} for its {n} training "
-                            "examples (that would allow releasing one example outright): lower delta")
+    refusal = delta_refusal(name, delta, n)
+    if refusal:
+        raise OdometerError(refusal)
     if delta > 0.1 / n and f"delta|{name}" not in _ANNOUNCED:
         _ANNOUNCED.add(f"delta|{name}")
         log.warning("%s: delta %g is above 1/(10 n) = %.3g; a delta well below 1/n is the usual advice",
@@ -326,23 +326,28 @@ def plan_summary(site: HospitalSite, settings: TrainSettings, run_id: int) -> di
 
 
 def train_round(site: HospitalSite, config: Config, settings: TrainSettings, weights: list[np.ndarray],
-                run_id: int, round_number: int, velocity: list[np.ndarray] | None = None) -> TrainOutcome:
+                run_id: int, round_number: int, velocity: list[np.ndarray] | None = None,
+                declined_before: bool = False) -> TrainOutcome:
     """Plan or take the noise, check the budget, charge the odometer durably, then train with DP-SGD.
 
     `velocity` is the momentum this hospital's previous round of the run left: a round has
     only about n / batch steps, too few for heavy-ball momentum to build up from zero, so
     the hospital's optimizer carries on where it stopped, as one centralized run would
     (BENCHMARKS.md section 3). It is post-processing of the hospital's own noisy gradients.
+    `declined_before`: the hospital declined an earlier round of this run, so it declines again.
     """
     batch = _batch(site, settings)
     num_examples = len(site.train_y)
-    plan = noise_plan(site, settings, run_id, round_number)
+    plan = None if declined_before else noise_plan(site, settings, run_id, round_number)
     if plan is None:
         q = sampling_rate_for(settings.batch_size, num_examples)
         limit = useful_noise_limit(batch)
-        log.info("%s declines round %d: the budget left (epsilon %.3f spent of %.3f) cannot fund a useful "
-                 "round (it would need a noise multiplier above %g at batch %d)", site.name, round_number,
-                 site.odometer.spent(), site.odometer.max_epsilon, limit, batch)
+        if declined_before:
+            log.info("%s declines round %d: it declined an earlier round of this run", site.name, round_number)
+        else:
+            log.info("%s declines round %d: the budget left (epsilon %.3f spent of %.3f) cannot fund a useful "
+                     "round (it would need a noise multiplier above %g at batch %d)", site.name, round_number,
+                     site.odometer.spent(), site.odometer.max_epsilon, limit, batch)
         declined = PrivacyEvent(limit, q, 0)
         needed = site.odometer.epsilon_after(PrivacyEvent(limit, q, steps_for(settings.local_epochs, q)))
         return TrainOutcome("budget_exhausted", declined, site.odometer.spent(),

@@ -246,6 +246,9 @@ def validate(config: Config) -> Config:
         raise UserError(f"config key 'model.filters' must be a non-empty list of positive ints, got {config.model.filters}")
     if config.model.builder and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", config.model.builder):
         raise UserError(f"config key 'model.builder' must look like package.module:function, got {config.model.builder!r}")
+    if config.data.source == "digits" and config.data.path:  # else a run "on" that path would train on digits
+        raise UserError(f"config key 'data.path' is set ({config.data.path}) but data.source is digits, which reads no "
+                        "file: add data.source=folder (a folder of images) or data.source=npz, or drop data.path")
     if config.data.source != "digits" and not config.data.path:
         raise UserError(f"config key 'data.path' is required for data.source={config.data.source}: set it to the file or folder")
     if Path(config.privacy.odometer_dir).exists() and not Path(config.privacy.odometer_dir).is_dir():

@@ -223,7 +223,10 @@ def _load_npz(path, image_size):
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise UserError(f"cannot read {path} as an .npz archive ({one_line(err)}); save it "
+        # NumPy's text for a file that is not an archive suggests unpickling it ("allow_pickle"):
+        # code execution from a file, never advice to give a hospital.
+        why = "not an .npz archive" if "pickle" in str(err) else one_line(err)
+        raise UserError(f"cannot read {path} as an .npz archive ({why}); save it "
                         "with numpy.savez / savez_compressed") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise UserError(f"{path} holds a single array, not an .npz archive; save it with "

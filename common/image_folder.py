@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from common.data import Dataset, one_line, short_list, to_uint8
@@ -141,6 +142,12 @@ def load_folder(root, image_size, on_bad_image, color="gray"):
                          "(set data.image_size to choose another)")
             target = (DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
     channels = 3 if color == "rgb" else 1
+    held = len(entries) * target[0] * target[1] * channels  # bytes: one uint8 copy of every image
+    machine = psutil.virtual_memory().total
+    if held > machine / 4:  # a simulation holds it in several processes at once (simulate.py, coordinator, workers)
+        raise UserError(f"{len(entries)} images at {target[0]}x{target[1]}x{channels} take {held / 2**30:.1f} GB per "
+                        f"process that loads them, too much for this machine's {machine / 2**30:.0f} GB: "
+                        "lower data.image_size")
     arrays = np.zeros((len(entries), target[1], target[0], channels), dtype=np.uint8)
 
     def decode(i):
@@ -173,8 +180,12 @@ def load_folder(root, image_size, on_bad_image, color="gray"):
         notes.append(f"skipped {len(bad)} unreadable image file(s) in {root}: "
                      f"{short_list([str(p) for p, _ in bad])}")
     resized = sum(1 for e, k in zip(entries, keep) if k and e[3] != target)
+    largest = max(max(e[3]) for e in entries)
     if size_note:
         notes.append(size_note)
+    elif image_size and image_size > largest:
+        notes.append(f"data.image_size={image_size} enlarges every image in {root} (the largest side is {largest} px): "
+                     "that adds no detail, only compute and memory")
     elif resized:
         why = "" if image_size else " (the most common size; set data.image_size to choose)"
         notes.append(f"resized {resized} of {int(keep.sum())} images in {root} to "

@@ -8,8 +8,16 @@ the default activation because bounded activations train better under DP-SGD
 """
 import importlib
 
+import psutil
+
 from common.errors import UserError
 from common.tf_setup import keras, tf
+
+# Float32 copies of the weights a training process holds at once: the model, the clipped sum,
+# the noise, the momentum, the update sent and the optimizer's scratch. A model whose copies
+# would take more than a quarter of the machine cannot train beside the other processes of a
+# simulation (coordinator, one worker per core) or a node's own services.
+WEIGHT_COPIES = 6
 
 
 def make_model(model_config, input_shape, num_classes):
@@ -21,8 +29,8 @@ def make_model(model_config, input_shape, num_classes):
     PYTHONPATH): the ServerApp's and every hospital's.
     """
     if not model_config.builder:
-        return build_model(input_shape, num_classes, model_config.filters, model_config.dense_units,
-                           model_config.activation, model_config.normalization, model_config.head)
+        return _fits_in_memory(build_model(input_shape, num_classes, model_config.filters, model_config.dense_units,
+                                           model_config.activation, model_config.normalization, model_config.head))
     module_name, function_name = model_config.builder.split(":")
     try:
         builder = getattr(importlib.import_module(module_name), function_name)
@@ -37,6 +45,19 @@ def make_model(model_config, input_shape, num_classes):
     if model.output_shape[-1] != want:
         raise UserError(f"model.builder {model_config.builder!r}: the model outputs {model.output_shape[-1]} "
                         f"values, expected {want} for {num_classes} classes")
+    return _fits_in_memory(model)
+
+
+def _fits_in_memory(model):
+    """The model, or one line on why this machine cannot train it (before any process runs out of memory)."""
+    need = model.count_params() * 4 * WEIGHT_COPIES
+    machine = psutil.virtual_memory().total
+    if need > machine / 4:
+        shape = "x".join(str(d) for d in model.input_shape[1:])
+        raise UserError(f"the model has {model.count_params():,} weights at input {shape}: training holds about "
+                        f"{WEIGHT_COPIES} float32 copies of them ({need / 2**30:.1f} GB) in every process that trains, "
+                        f"too much for this machine's {machine / 2**30:.0f} GB; lower data.image_size (a flatten head's "
+                        "weights grow with the image's area) or model.dense_units")
     return model
 
 

@@ -80,7 +80,7 @@ def _dirichlet_label_skew(labels, num_hospitals, alpha, min_size, rng):
             break
     else:
         raise UserError(f"label-skew partition with data.alpha={alpha:g} could not give each of "
-                        f"{num_hospitals} hospitals at least {max(min_size, 1)} examples in "
+                        f"{num_hospitals} hospitals at least {max(min_size, 1)} example(s) in "
                         f"{_MAX_TRIES} draws; raise data.alpha or lower the number of hospitals")
     shards = [[] for _ in range(num_hospitals)]
     for idx, row in zip(by_class, counts):

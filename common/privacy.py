@@ -94,6 +94,16 @@ def _epsilon(groups, delta: float, accountant: str) -> float:
     return float(_ACCOUNTANTS[accountant]().compose(_dp_event(groups)).get_epsilon(delta))
 
 
+def delta_refusal(name: str, delta: float, n: int) -> str | None:
+    """Why `delta` cannot protect a hospital of `n` training examples, or None when it can.
+
+    A delta of 1/n or more allows a mechanism that publishes one random example outright."""
+    if delta >= 1.0 / n:
+        return (f"{name}: delta {delta:g} is not below 1/n = {1.0 / n:.3g} for its {n} training examples "
+                "(that would allow releasing one example outright): lower delta")
+    return None
+
+
 def epsilon(events: list[PrivacyEvent], delta: float, accountant: str = "pld") -> float:
     """Epsilon at `delta` of all `events` composed; 0 for no steps, inf for zero noise."""
     return _epsilon(_groups(events), float(delta), accountant)

@@ -9,26 +9,36 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from server.strategy import failure_category
 
-def ask_plans(grid, node_ids: list[int], train_config: ConfigRecord, timeout: float | None) -> dict[str, dict]:
-    """{hospital: plan} from every node that answered with a well-formed plan."""
+
+def ask_plans(grid, node_ids: list[int], train_config: ConfigRecord,
+              timeout: float | None) -> tuple[dict[str, dict], dict[str, str]]:
+    """({hospital: plan} from every node that answered with a well-formed plan, {node: failure category})."""
     messages = [Message(RecordDict({"config": train_config}), node, MessageType.QUERY) for node in node_ids]
-    plans = {}
+    plans, failed = {}, {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error() or "plan" not in reply.content:
+        if reply.has_error():  # the category only: the hospital's reason may name its files
+            failed[f"node {reply.metadata.src_node_id}"] = failure_category(reply)
+            continue
+        if "plan" not in reply.content:
             continue
         record = reply.content["plan"]
         hospital = str(record.get("hospital", f"node {reply.metadata.src_node_id}"))
         values = {key: value for key, value in record.items() if key != "hospital"}
         if all(isinstance(v, (int, float)) for v in values.values()):
             plans[hospital] = values
-    return plans
+    return plans, failed
 
 
-def plan_lines(plans: dict[str, dict], rounds: int) -> list[str]:
+def plan_lines(plans: dict[str, dict], rounds: int, failed: dict[str, str] | None = None) -> list[str]:
     """A table: per hospital its examples, expected batch, q, steps per round, planned sigma, final epsilon."""
+    failures = [f"  {node} could not plan ({category}): it will fail its rounds the same way; its own log says why"
+                for node, category in sorted((failed or {}).items())]
     if not plans:
-        return ["Privacy plan: no hospital answered in time (still loading its data, or failed: see run.log); "
+        if failures:
+            return ["Privacy plan: no hospital could plan:", *failures]
+        return ["Privacy plan: no hospital answered in time (still loading its data); "
                 "each plans its noise before it trains all the same, and the ledger records it."]
     lines = [f"Privacy plan for {rounds} round(s), chosen by each hospital from its own budget:",
              f"  {'hospital':<14} {'examples':>8} {'batch':>5} {'q':>7} {'steps/round':>11} {'sigma':>7} "
@@ -43,4 +53,4 @@ def plan_lines(plans: dict[str, dict], rounds: int) -> list[str]:
         lines.append(f"  {hospital:<14} {int(p['num-examples']):>8} {batch:>5} {p['sampling-rate']:>7.4f} "
                      f"{int(p['steps-per-round']):>11} {sigma:>7} {p['epsilon-before']:>11.3f} {final:>14} "
                      f"{p['max-epsilon']:>7g}")
-    return lines
+    return lines + failures

@@ -37,8 +37,11 @@ def round_line(record: dict, total_rounds: int, latest: dict[str, dict]) -> str:
 CHANCE_MARGIN = 0.05  # balanced accuracy within this of 1/classes is reported as chance level
 
 
-def _at_chance(final: dict, latest: dict[str, dict]) -> list[str]:
-    """Why a model at chance level is so, in the run's own words (empty when it learnt something)."""
+SHORT_RUN = 5  # fewer rounds than this are named as a likely cause of a model at chance level
+
+
+def chance_warning(final: dict, latest: dict[str, dict]) -> list[str]:
+    """Why a model at chance level may be so, in the run's own words (empty when it learnt something)."""
     chance = 1 / final.get("classes", 2)
     balanced = final.get("balanced_accuracy")
     if balanced is None or balanced > chance + CHANCE_MARGIN:
@@ -48,14 +51,18 @@ def _at_chance(final: dict, latest: dict[str, dict]) -> list[str]:
     trained = [r for r in latest.values() if r.get("num_examples")]
     if not trained:
         return [f"  Warning: the final model {what}."]
+    if final.get("round", SHORT_RUN) < SHORT_RUN:  # one or two rounds teach little whatever the noise
+        why = (f"only {final['round']} round(s) ran, too few to learn much: run more rounds (planned noise spreads "
+               "the same budget over them). The data may also be too small for this budget.")
+    else:
+        why = "the data is too small for this budget."
     smallest = min(trained, key=lambda r: r["num_examples"])
     batch = smallest["sampling_rate"] * smallest["num_examples"]
-    return [f"  Warning: the final model {what}: the data is too small for this budget. The smallest hospital "
-            f"holds {smallest['num_examples']} training examples; at epsilon {smallest['max_epsilon']:g} its noise "
-            f"(sigma {smallest['noise_multiplier']:.3g} on an expected batch of {batch:.0f}, i.e. noise of "
-            f"{smallest['noise_multiplier'] / max(batch, 1):.2f} x the clip bound on every averaged gradient) drowns "
-            "what so few examples can teach. Pool data into fewer, larger hospitals, add data, or raise "
-            "privacy.max_epsilon (each hospital's decision)."]
+    return [f"  Warning: the final model {what}: {why} The smallest hospital holds {smallest['num_examples']} training "
+            f"examples; at epsilon {smallest['max_epsilon']:g} its noise (sigma {smallest['noise_multiplier']:.3g} on an "
+            f"expected batch of {batch:.0f}, i.e. noise of {smallest['noise_multiplier'] / max(batch, 1):.2f} x the clip "
+            "bound on every averaged gradient) drowns what so few examples can teach. Pool data into fewer, larger "
+            "hospitals, add data, or raise privacy.max_epsilon (each hospital's decision)."]
 
 
 def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_at: dict[str, float], seconds: float) -> list[str]:
@@ -68,7 +75,7 @@ def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_a
                      + (f", balanced accuracy {final['balanced_accuracy']:.3f}" if "balanced_accuracy" in final else "")
                      + f", loss {final['loss']:.3f}"
                      + (f", AUC {final['auc']:.3f}" if "auc" in final else "") + " on the central test set.")
-        lines.extend(_at_chance(final, latest))
+        lines.extend(chance_warning(final, latest))
     if latest:
         worst = max(latest.values(), key=lambda r: r["epsilon"])
         lines.append(f"Privacy: maximum epsilon {worst['epsilon']:.3f} at delta {worst['delta']:g} "

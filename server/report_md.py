@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from server.report import chance_warning
+
 LISTED = 10  # at most this many hospitals get their own line, bar label or legend entry
 
 
@@ -117,7 +119,7 @@ def _privacy_section(ledger: list[dict]) -> list[str]:
     worst = max(latest.values(), key=lambda r: r["epsilon"])
     lines += [
         f"Each hospital's guarantee is (epsilon, delta)-differential privacy for one training example "
-        f"(one patient image) of that hospital, add-or-remove-one adjacency, over every DP-SGD step it has "
+        f"(one patient image) of that hospital, zero-out adjacency (n public), over every DP-SGD step it has "
         f"ever run on its data (earlier runs included): Poisson-sampled Gaussian mechanism, accounted with "
         f"dp-accounting's PLD accountant. The federation's maximum is **epsilon {worst['epsilon']:.3f} at "
         f"delta {worst['delta']:g}** ({worst['hospital']}). Recompute it: `python -m server.audit <this directory>`.",
@@ -133,28 +135,36 @@ def _privacy_section(ledger: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _scores_section(metrics: list[dict]) -> list[str]:
+SCORES = ("accuracy", "balanced_accuracy", "auc", "loss")  # balanced accuracy shows a majority-class model
+
+
+def _scores_section(metrics: list[dict], latest: dict[str, dict]) -> list[str]:
     lines = ["## Scores", ""]
     if not metrics:
         return lines + ["No round completed.", ""]
     final = metrics[-1]
-    keys = [k for k in ("accuracy", "loss", "auc", "federated_accuracy", "federated_loss") if k in final]
+    keys = [k for prefix in ("", "federated_") for k in (prefix + s for s in SCORES) if k in final]
     lines += [f"After round {final['round']} (central test set; `federated_*`: the hospitals' own held-out splits):", "",
               "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
               "| " + " | ".join(f"{final[k]:.3f}" for k in keys) + " |", ""]
+    warning = [line.strip() for line in chance_warning(final, latest)]
+    lines += warning + [""] * bool(warning)
     evaluation = final.get("hospitals_evaluation") or {}
     if evaluation and len(evaluation) <= LISTED:
-        lines += ["| hospital | " + " | ".join(k for k in ("accuracy", "loss", "auc") if k in next(iter(evaluation.values()))) + " |"]
-        cols = [k for k in ("accuracy", "loss", "auc") if k in next(iter(evaluation.values()))]
-        lines += ["|---|" + "---|" * len(cols)]
-        lines += [f"| {n} | " + " | ".join(f"{evaluation[n].get(k, float('nan')):.3f}" for k in cols) + " |"
+        # Every hospital's columns: one whose split holds a single class has no AUC, and says so.
+        cols = [k for k in SCORES if any(k in scores for scores in evaluation.values())]
+        lines += ["| hospital | held-out examples | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        lines += [f"| {n} | {evaluation[n].get('num-examples', '?')} | "
+                  + " | ".join(f"{evaluation[n][k]:.3f}" if k in evaluation[n] else "n/a" for k in cols) + " |"
                   for n in _order(evaluation)]
-        lines += [""]
+        lines += ["", "A hospital's held-out split is small: its scores move by chance (n/a: AUC needs both classes).", ""]
     elif evaluation:
-        values = [s["accuracy"] for s in evaluation.values() if "accuracy" in s]
-        if values:
-            lines += [f"Per-hospital accuracy over {len(values)} hospitals: min {min(values):.3f}, "
-                      f"median {statistics.median(values):.3f}, max {max(values):.3f} (plot below).", ""]
+        for key in ("accuracy", "balanced_accuracy"):
+            values = [s[key] for s in evaluation.values() if key in s]
+            if values:
+                lines += [f"Per-hospital {key.replace('_', ' ')} over {len(values)} hospitals: min {min(values):.3f}, "
+                          f"median {statistics.median(values):.3f}, max {max(values):.3f} (plot below)."]
+        lines += [""]
     return lines
 
 
@@ -170,7 +180,8 @@ def write_report(run, labels: tuple[dict[str, list[int]], list[str]] | None = No
     lines = [f"# Run report: {path.name}", "",
              f"{len({r['hospital'] for r in ledger})} hospitals, {len(metrics)} round(s) of up to "
              f"{resolved.get('rounds', '?')}; data `{(resolved.get('data') or {}).get('source', '?')}`.", ""]
-    lines += _scores_section(metrics)
+    latest = {r['hospital']: r for r in ledger}
+    lines += _scores_section(metrics, latest)
     lines += _privacy_section(ledger)
     plan = path / "plan.json"
     if plan.is_file():

@@ -222,9 +222,6 @@ def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateF
 
 
 def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: StopFlag, simulated: int) -> None:
-    dataset, test_x, test_y = central_test_set(config)
-    keras.utils.set_random_seed(config.seed)
-    model = make_model(config.model, dataset.input_shape, dataset.num_classes)
     ledger = PrivacyLedger(run.ledger)
     plan = RoundPlan(config.train.batch_size, config.train.local_epochs, config.train.learning_rate,
                      config.train.momentum, config.dp.l2_norm_clip)
@@ -233,6 +230,14 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         fraction_train=config.train.fraction_train, fraction_evaluate=config.train.fraction_evaluate,
         min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=1,
     )
+    try:  # a model too large for the machine, say: one line, before any hospital is asked
+        dataset, test_x, test_y = central_test_set(config)
+        keras.utils.set_random_seed(config.seed)
+        model = make_model(config.model, dataset.input_shape, dataset.num_classes)
+    except UserError as error:
+        run.write_status(_status("failed", saved.round if saved else 0, strategy, str(error), exit_code=EXIT_BAD_INPUT))
+        print(f"error: {error}", flush=True)
+        return
     flower_runs, metrics, first_round = [context.run_id], [], 1
     arrays = ArrayRecord(model.get_weights())
     if saved is not None:
@@ -331,9 +336,9 @@ def _show_plans(grid: Grid, config, run: RunDirectory, train_config: ConfigRecor
     nodes = _wait_for_hospitals(grid, config.hospitals, config.train.min_hospitals, config.train.round_timeout, stop)
     rounds_left = config.rounds - first_round + 1
     query = ConfigRecord(dict(train_config) | {"planned_rounds": rounds_left})
-    plans = ask_plans(grid, nodes, query, timeout=config.train.round_timeout)
+    plans, failed = ask_plans(grid, nodes, query, timeout=config.train.round_timeout)
     (run.path / "plan.json").write_text(json.dumps(plans, indent=1, sort_keys=True))
-    for line in plan_lines(plans, rounds_left):
+    for line in plan_lines(plans, rounds_left, failed):
         print(line, flush=True)
     print(f"Round {first_round}/{config.rounds} starts: the hospitals compile the DP-SGD step first ...", flush=True)
 

@@ -76,6 +76,7 @@ def prepare(args):
     from common.config import load_config, to_dict
     from common.federation import build_federation
     from common.partition import hospital_table
+    from common.privacy import delta_refusal
 
     if args.resume:
         out = Path(args.resume).expanduser().resolve()
@@ -104,6 +105,10 @@ def prepare(args):
     # Not the per-process cache: the table needs the data once, and this process then only
     # streams Flower's output for the whole run (at 224 px it would hold ~1 GB of images).
     federation = build_federation(config)
+    for shard in federation.shards:  # every hospital would refuse it in its first round: say so now
+        refusal = delta_refusal(shard.name, config.privacy.delta, len(shard.train_y))
+        if refusal:
+            raise UserError(f"privacy.delta: {refusal} (1e-5 is usual)")
     if not args.resume:  # after the data checks: a refused run leaves no directory behind
         check_writable(out)
     for note in federation.dataset.notes:
@@ -116,14 +121,25 @@ def prepare(args):
 
 
 
+def _written_state(out: Path) -> str | None:
+    try:
+        return str(json.loads((out / "status.json").read_text())["state"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
 def outcome(out: Path, succeeded: bool | None, interrupted: bool) -> int:
     """The ServerApp's exit code from status.json; else 130 if interrupted, 0 if Flower saw success."""
     status = out / "status.json"
     if status.is_file():
         try:
             written = json.loads(status.read_text())
-            # A run stopped at once (second Ctrl-C) never wrote its final status: "running".
-            if not (interrupted and written.get("state") == "running"):
+            if written.get("state") == "running":
+                # A run stopped at once (second Ctrl-C) never wrote its final status; nor did a
+                # coordinator that was killed (out of memory, say): that run failed.
+                if not interrupted:
+                    return 1
+            else:
                 return int(written["exit_code"])
         except (ValueError, KeyError, TypeError, OSError, AttributeError):
             pass
@@ -132,6 +148,18 @@ def outcome(out: Path, succeeded: bool | None, interrupted: bool) -> int:
     if succeeded is False or not (out / "metrics.jsonl").is_file():
         return 1
     return 0
+
+
+def _mark_failed(out: Path, reason: str) -> None:
+    """Record in status.json that a run the ServerApp left "running" failed (what it would have written)."""
+    from common.durable import replace_file
+
+    try:
+        status = json.loads((out / "status.json").read_text())
+        replace_file(out / "status.json", json.dumps(status | {"state": "failed", "exit_code": 1, "reason": reason},
+                                                     indent=2).encode())
+    except (ValueError, TypeError, OSError):
+        pass
 
 
 class Progress:
@@ -213,6 +241,12 @@ def main(argv=None) -> int:
     code = outcome(out, succeeded, simulation.stop_requests > 0)
     if code not in (0, 130) and not (out / "status.json").is_file():
         print(f"error: the run failed; Flower's log is in {out / 'flower.log'}", file=sys.stderr)
+    elif code not in (0, 130) and _written_state(out) == "running":
+        reason = ("the coordinator's process ended before the run did (killed: most often the machine ran out of "
+                  f"memory; lower data.image_size or the hospitals per worker); {out / 'flower.log'} and run.log "
+                  f"say more; --resume {out} continues from the last checkpoint")
+        _mark_failed(out, reason)
+        print(f"error: {reason}", file=sys.stderr)
     elif simulation.stop_requests:
         print("interrupted: the run directory and odometers keep what was written", file=sys.stderr)
     return code

@@ -47,11 +47,19 @@ def test_odometer_dir_naming_a_file_is_refused(tmp_path):
         load_config(None, [f"privacy.odometer_dir={target}"])
 
 
-def test_simulate_refuses_bad_input_before_start_up(tmp_path):
-    done = subprocess.run([sys.executable, "simulate.py", "--set", f"seed={2**40}", "--out", str(tmp_path / "run")],
+@pytest.mark.parametrize("override, message", [
+    (f"seed={2**40}", "error: config key 'seed'"),
+    # Every hospital would refuse it in round 1, and the run would end with no model.
+    ("privacy.delta=0.01", "error: privacy.delta: hospital-0: delta 0.01 is not below 1/n"),
+    # Read as "train on these images" while the digits trained.
+    ("data.path=/somewhere/images", "error: config key 'data.path' is set (/somewhere/images) but data.source is digits"),
+])
+def test_simulate_refuses_bad_input_before_start_up(tmp_path, override, message):
+    done = subprocess.run([sys.executable, "simulate.py", "--set", override, "--out", str(tmp_path / "run")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("error: config key 'seed'")
+    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 

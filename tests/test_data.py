@@ -151,6 +151,10 @@ def test_npz_unreadable_and_missing_paths(tmp_path):
     junk = tmp_path / "junk.npz"
     junk.write_text("not an archive")
     assert "junk.npz" in user_error(load_dataset, "npz", str(junk))
+    csv = tmp_path / "manifest.csv"  # NumPy would suggest unpickling it: never repeated to a user
+    csv.write_text("file,label\na.png,0\n")
+    said = user_error(load_dataset, "npz", str(csv))
+    assert "manifest.csv" in said and "not an .npz archive" in said and "pickle" not in said
     single = tmp_path / "single.npy"
     np.save(single, np.zeros(3))
     assert "single.npy" in user_error(load_dataset, "npz", str(single))
@@ -318,3 +322,21 @@ def test_folder_of_large_images_defaults_to_a_trainable_size_and_says_why(tmp_pa
     big = load_dataset("folder", str(root), image_size=64, color="rgb")
     assert big.input_shape == (64, 64, 3) and not any("training at" in n for n in big.notes)
     assert not np.array_equal(big.train_x[..., 0], big.train_x[..., 1])  # colour kept, not gray copies
+
+
+def test_an_image_size_above_the_images_says_it_only_enlarges_them(tmp_path):
+    root = make_folder(tmp_path / "up", per_class=2, size=(20, 10))
+    ds = load_dataset("folder", str(root), image_size=64)
+    assert ds.input_shape == (64, 64, 1)
+    assert any("data.image_size=64 enlarges every image" in n and "largest side is 20 px" in n for n in ds.notes)
+
+
+def test_images_too_large_for_the_machine_are_refused_before_they_are_held(tmp_path, monkeypatch):
+    import psutil
+
+    root = make_folder(tmp_path / "mem", per_class=2, size=(20, 10))
+    small = psutil.virtual_memory()._replace(total=64 * 2**20)  # a 64 MB machine: a quarter is 16 MB
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
+    with pytest.raises(UserError, match=r"4 images at 4096x4096x1 take 0.1 GB .* lower data.image_size"):
+        load_dataset("folder", str(root), image_size=4096)
+    assert load_dataset("folder", str(root), image_size=256).input_shape == (256, 256, 1)  # 0.25 MB fits

@@ -197,6 +197,23 @@ def test_a_hostile_hospital_is_rejected_and_named_every_round_and_the_run_comple
     assert all(m["loss"] < 100 for m in metrics), metrics
 
 
+def test_a_coordinator_killed_under_simulate_is_a_failure_with_one_line_not_a_silent_exit(tmp_path):
+    # What the kernel's out-of-memory killer does to a run at too large an image size.
+    odometer, run = tmp_path / "odometer", tmp_path / "run"
+    process = _start([*SMALL, "--set", "hospitals=2", "--set", "rounds=30", "--set", "train.fraction_evaluate=0",
+                      "--set", f"privacy.odometer_dir={odometer}", "--out", str(run)], tmp_path, "coordinator")
+    _wait_for_round(process, run, 2)
+    coordinators = [child for child in psutil.Process(process.pid).children(recursive=True)
+                    if any("flwr-simulation" in part for part in child.cmdline()[:2])]
+    assert len(coordinators) == 1, coordinators
+    coordinators[0].kill()
+    code, out, err = _finish(process, tmp_path, "coordinator")
+    assert code == 1 and "Traceback" not in out + err
+    assert err.strip().splitlines()[-1].startswith("error: the coordinator's process ended before the run did")
+    status = _status(run)
+    assert status["state"] == "failed" and status["exit_code"] == 1 and status["rounds_completed"] >= 2
+
+
 def test_a_killed_run_says_so_and_resumes_with_every_charge_ledgered(tmp_path):
     odometer, run = tmp_path / "odometer", tmp_path / "run"
     process = _start([*SMALL, "--set", "hospitals=2", "--set", "rounds=6", "--set", "train.fraction_evaluate=0",

@@ -75,3 +75,17 @@ def test_simulate_refuses_a_builder_it_cannot_import_before_start_up(tmp_path):
                              "--set", "model.builder=no_such_module:build"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "model.builder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_too_large_for_the_machine_is_refused_with_what_to_lower(monkeypatch):
+    import psutil
+
+    from common.config import ModelConfig
+    from common.model import make_model
+
+    small = psutil.virtual_memory()._replace(total=2**30)  # a 1 GB machine: a quarter is 256 MB
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
+    # At 1024 px the default network's Dense layer takes 128*128*32*64 = 33.5M weights (~0.8 GB of copies).
+    with pytest.raises(UserError, match=r"33,5\d\d,\d\d\d weights at input 1024x1024x1.*lower data.image_size"):
+        make_model(ModelConfig(), (1024, 1024, 1), 2)
+    assert make_model(ModelConfig(), (256, 256, 1), 2).count_params() < 3_000_000  # the 256 px network fits

@@ -54,6 +54,11 @@ def test_plan_lines_show_each_hospital_and_who_declines():
     assert "20 round(s)" in lines[0]
     assert lines[2].split()[0] == "hospital-0" and "declines" in lines[2]
     assert lines[3].split()[:2] == ["hospital-1", "900"] and "2.73" in lines[3] and "2.998" in lines[3]
+    # A hospital whose query failed is named by its node and the failure's category, not "did not answer".
+    assert plan_lines(plans, 20, {"node 7": "budget"})[-1].startswith("  node 7 could not plan (budget)")
+    assert plan_lines({}, 20, {"node 7": "data"})[:2] == ["Privacy plan: no hospital could plan:",
+                                                         "  node 7 could not plan (data): it will fail its rounds "
+                                                         "the same way; its own log says why"]
 
 
 def test_fixed_noise_is_kept_and_the_plan_shows_where_it_ends(tmp_path):
@@ -67,11 +72,48 @@ def test_fixed_noise_is_kept_and_the_plan_shows_where_it_ends(tmp_path):
 
 
 def test_a_model_at_chance_level_is_named_with_why_the_data_is_too_small():
-    from server.report import _at_chance
+    from server.report import chance_warning
 
     latest = {"hospital-0": {"num_examples": 31, "sampling_rate": 16 / 31, "noise_multiplier": 3.9, "max_epsilon": 3.0},
               "hospital-1": {"num_examples": 140, "sampling_rate": 16 / 140, "noise_multiplier": 2.1, "max_epsilon": 3.0}}
-    (line,) = _at_chance({"balanced_accuracy": 0.51, "classes": 2, "single_class": 0}, latest)
-    assert "too small for this budget" in line and "31 training examples" in line and "sigma 3.9" in line
-    assert _at_chance({"balanced_accuracy": 0.62, "classes": 2}, latest) == []
-    assert "same class" in _at_chance({"balanced_accuracy": 0.125, "classes": 8, "single_class": 1}, latest)[0]
+    (line,) = chance_warning({"round": 20, "balanced_accuracy": 0.51, "classes": 2, "single_class": 0}, latest)
+    assert "the data is too small for this budget" in line and "31 training examples" in line and "sigma 3.9" in line
+    assert chance_warning({"round": 20, "balanced_accuracy": 0.62, "classes": 2}, latest) == []
+    assert "same class" in chance_warning({"round": 20, "balanced_accuracy": 0.125, "classes": 8, "single_class": 1},
+                                          latest)[0]
+    # A run of one round is named as the first suspect, not the data.
+    (short,) = chance_warning({"round": 1, "balanced_accuracy": 0.1, "classes": 10, "single_class": 0}, latest)
+    assert "only 1 round(s) ran" in short and "may also be too small" in short
+
+
+def test_a_hospital_that_declines_a_round_declines_the_rest_of_the_run(tmp_path):
+    from flwr.app import ArrayRecord, Context, RecordDict
+
+    from client.client_app import app
+    from common.privacy import PrivacyEvent, epsilon, useful_noise_limit
+    from tests.test_hostile import _default_model_weights
+
+    folder = _image_folder(tmp_path / "data")
+    probe = dict(app(_message("query", _plan_content(rounds=2)), _context(
+        {"data-source": "folder", "data-path": str(folder)}, tmp_path / "probe")).content["plan"])
+    q, steps = probe["sampling-rate"], int(probe["steps-per-round"])
+    limit = useful_noise_limit(8)
+    # A budget that pays one round at the noise limit but not two: planned over the run's two
+    # rounds the hospital declines round 1; planned again over one round it could "train".
+    one, two = epsilon([PrivacyEvent(limit, q, steps)], 1e-5), epsilon([PrivacyEvent(limit, q, 2 * steps)], 1e-5)
+    node = {"data-source": "folder", "data-path": str(folder), "max-epsilon": (one + two) / 2,
+            "odometer-path": str(tmp_path / "odometer.jsonl")}
+    context = _context(node, tmp_path)
+
+    def train(server_round, context):
+        content = _plan_content(rounds=2)
+        content["config"]["server-round"] = server_round
+        content["arrays"] = ArrayRecord(_default_model_weights((16, 16, 1)))
+        return dict(app(_message("train", content), context).content["metrics"])
+
+    assert train(1, context)["budget-exhausted"] == 1
+    assert train(2, context)["budget-exhausted"] == 1  # as the plan said: the whole run
+    assert not (tmp_path / "odometer.jsonl").exists()  # nothing charged
+    # Without the memory of its decline, round 2 would have bought a round of near-pure noise.
+    fresh = Context(run_id=77, node_id=1, node_config=context.node_config, state=RecordDict(), run_config={})
+    assert train(2, fresh)["budget-exhausted"] == 0

@@ -46,7 +46,25 @@ def test_report_of_a_deployment_draws_no_label_distribution(tmp_path):
     _fake_run(tmp_path, hospitals=3, rounds=2)
     text = write_report(SimpleNamespace(path=tmp_path)).read_text()
     assert "report_labels.png" not in text and not (tmp_path / "report_labels.png").exists()
-    assert "| hospital-2 | 0.510 | 1.000 |" in text  # per-hospital table when few hospitals
+    assert "| hospital-2 | ? | 0.510 | 1.000 |" in text  # per-hospital table when few hospitals
+
+
+def test_report_of_a_majority_class_model_shows_balanced_accuracy_and_says_why(tmp_path):
+    _fake_run(tmp_path, hospitals=2, rounds=20)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics[-1] |= {"accuracy": 0.718, "balanced_accuracy": 0.5, "auc": 0.61, "single_class": 1, "classes": 2,
+                    "federated_balanced_accuracy": 0.5,
+                    "hospitals_evaluation": {  # hospital-1's held-out split holds one class: no AUC
+                        "hospital-0": {"num-examples": 12, "accuracy": 0.75, "balanced_accuracy": 0.5, "auc": 0.4,
+                                       "loss": 0.6},
+                        "hospital-1": {"num-examples": 3, "accuracy": 1.0, "balanced_accuracy": 1.0, "loss": 0.2}}}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    text = write_report(SimpleNamespace(path=tmp_path)).read_text()
+    assert "| accuracy | balanced_accuracy | auc | loss |" in text and "| 0.718 | 0.500 | 0.610 |" in text
+    assert "answers the same class for every test image: the data is too small for this budget" in text
+    assert "| hospital-0 | 12 | 0.750 | 0.500 | 0.400 | 0.600 |" in text
+    assert "| hospital-1 | 3 | 1.000 | 1.000 | n/a | 0.200 |" in text
+    assert "zero-out adjacency (n public)" in text  # the README's and the audit's words
 
 
 def test_the_coordinators_label_counts_match_the_hospitals_shards_without_their_images():
