@@ -157,7 +157,8 @@ def _scores_section(metrics: list[dict], latest: dict[str, dict]) -> list[str]:
         lines += [f"| {n} | {evaluation[n].get('num-examples', '?')} | "
                   + " | ".join(f"{evaluation[n][k]:.3f}" if k in evaluation[n] else "n/a" for k in cols) + " |"
                   for n in _order(evaluation)]
-        lines += ["", "A hospital's held-out split is small: its scores move by chance (n/a: AUC needs both classes).", ""]
+        lines += ["", "A hospital's held-out split is small: its scores move by chance"
+                  + (" (n/a: AUC needs both classes)." if "auc" in cols else "."), ""]
     elif evaluation:
         for key in ("accuracy", "balanced_accuracy"):
             values = [s[key] for s in evaluation.values() if key in s]

@@ -47,6 +47,7 @@ def test_report_of_a_deployment_draws_no_label_distribution(tmp_path):
     text = write_report(SimpleNamespace(path=tmp_path)).read_text()
     assert "report_labels.png" not in text and not (tmp_path / "report_labels.png").exists()
     assert "| hospital-2 | ? | 0.510 | 1.000 |" in text  # per-hospital table when few hospitals
+    assert "n/a" not in text  # no AUC column to explain
 
 
 def test_report_of_a_majority_class_model_shows_balanced_accuracy_and_says_why(tmp_path):
@@ -63,7 +64,7 @@ def test_report_of_a_majority_class_model_shows_balanced_accuracy_and_says_why(t
     assert "| accuracy | balanced_accuracy | auc | loss |" in text and "| 0.718 | 0.500 | 0.610 |" in text
     assert "answers the same class for every test image: the data is too small for this budget" in text
     assert "| hospital-0 | 12 | 0.750 | 0.500 | 0.400 | 0.600 |" in text
-    assert "| hospital-1 | 3 | 1.000 | 1.000 | n/a | 0.200 |" in text
+    assert "| hospital-1 | 3 | 1.000 | 1.000 | n/a | 0.200 |" in text and "(n/a: AUC needs both classes)" in text
     assert "zero-out adjacency (n public)" in text  # the README's and the audit's words
 
 
