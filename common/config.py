@@ -23,8 +23,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # The smallest noise multiplier a run may use, fixed or planned. Below it a plan's epsilon runs
 # into the hundreds (no budget a privacy officer signs), and the PLD accountant that decides a
-# hospital's charge needs ever more time and memory: sigma 0.1 took 25 s and 5 GB for one
-# 40-round plan, sigma 0.07 ~13 GB. A coordinator must not be able to send that.
+# hospital's charge needs ever more time and memory: sigma 0.1 took 27 s and 3.5 GB for one
+# 40-round plan, sigma 0.07 ~13 GB (BENCHMARKS.md section 6). A coordinator must not send that.
 MIN_NOISE = 0.5
 # The most passes over its data (rounds x local epochs) a hospital accounts for in one run.
 # Runs here take 20-40; the bound keeps one accounting call within seconds and a few GB

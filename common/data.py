@@ -31,6 +31,20 @@ import numpy as np
 
 from common.errors import UserError
 
+# What one process may hold of the machine's memory: a simulation runs several at once (simulate.py,
+# the coordinator, one worker per core), and a hospital's node runs its own services beside it.
+MACHINE_SHARE = 1 / 4
+
+
+def beyond_machine_share(nbytes: float) -> str | None:
+    """'X GB ... this machine's Y GB' when `nbytes` exceeds what one process may hold, else None."""
+    import psutil
+
+    machine = psutil.virtual_memory().total
+    if nbytes <= machine * MACHINE_SHARE:
+        return None
+    return f"{nbytes / 2**30:.1f} GB in every process that holds them, too much for this machine's {machine / 2**30:.0f} GB"
+
 SOURCES = ("digits", "npz", "folder")
 BAD_IMAGE_POLICIES = ("refuse", "skip")
 _MAX_NAMED = 3  # how many bad files a note names before "and N more"

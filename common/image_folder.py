@@ -24,10 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import psutil
 from PIL import Image
 
-from common.data import Dataset, one_line, short_list, to_uint8
+from common.data import Dataset, beyond_machine_share, one_line, short_list, to_uint8
 from common.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -142,11 +141,9 @@ def load_folder(root, image_size, on_bad_image, color="gray"):
                          "(set data.image_size to choose another)")
             target = (DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
     channels = 3 if color == "rgb" else 1
-    held = len(entries) * target[0] * target[1] * channels  # bytes: one uint8 copy of every image
-    machine = psutil.virtual_memory().total
-    if held > machine / 4:  # a simulation holds it in several processes at once (simulate.py, coordinator, workers)
-        raise UserError(f"{len(entries)} images at {target[0]}x{target[1]}x{channels} take {held / 2**30:.1f} GB per "
-                        f"process that loads them, too much for this machine's {machine / 2**30:.0f} GB: "
+    too_large = beyond_machine_share(len(entries) * target[0] * target[1] * channels)  # one uint8 copy of each image
+    if too_large:
+        raise UserError(f"{len(entries)} images at {target[0]}x{target[1]}x{channels} take {too_large}: "
                         "lower data.image_size")
     arrays = np.zeros((len(entries), target[1], target[0], channels), dtype=np.uint8)
 

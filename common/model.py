@@ -8,15 +8,12 @@ the default activation because bounded activations train better under DP-SGD
 """
 import importlib
 
-import psutil
-
+from common.data import beyond_machine_share
 from common.errors import UserError
 from common.tf_setup import keras, tf
 
 # Float32 copies of the weights a training process holds at once: the model, the clipped sum,
-# the noise, the momentum, the update sent and the optimizer's scratch. A model whose copies
-# would take more than a quarter of the machine cannot train beside the other processes of a
-# simulation (coordinator, one worker per core) or a node's own services.
+# the noise, the momentum, the update sent and the optimizer's scratch.
 WEIGHT_COPIES = 6
 
 
@@ -50,13 +47,12 @@ def make_model(model_config, input_shape, num_classes):
 
 def _fits_in_memory(model):
     """The model, or one line on why this machine cannot train it (before any process runs out of memory)."""
-    need = model.count_params() * 4 * WEIGHT_COPIES
-    machine = psutil.virtual_memory().total
-    if need > machine / 4:
+    weights = model.count_params()
+    too_large = beyond_machine_share(weights * 4 * WEIGHT_COPIES)
+    if too_large:
         shape = "x".join(str(d) for d in model.input_shape[1:])
-        raise UserError(f"the model has {model.count_params():,} weights at input {shape}: training holds about "
-                        f"{WEIGHT_COPIES} float32 copies of them ({need / 2**30:.1f} GB) in every process that trains, "
-                        f"too much for this machine's {machine / 2**30:.0f} GB; lower data.image_size (a flatten head's "
+        raise UserError(f"the model has {weights:,} weights at input {shape}: training holds about {WEIGHT_COPIES} "
+                        f"float32 copies of them, {too_large}; lower data.image_size (a flatten head's "
                         "weights grow with the image's area) or model.dense_units")
     return model
 
