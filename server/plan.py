@@ -13,10 +13,11 @@ from server.strategy import failure_category
 
 
 def ask_plans(grid, node_ids: list[int], train_config: ConfigRecord,
-              timeout: float | None) -> tuple[dict[str, dict], dict[str, str]]:
-    """({hospital: plan} from every node that answered with a well-formed plan, {node: failure category})."""
+              timeout: float | None) -> tuple[dict[str, dict], dict[str, str], dict[int, str]]:
+    """({hospital: plan} from every node that answered with a well-formed plan, {node: failure category},
+    {node id: the hospital name it answered with})."""
     messages = [Message(RecordDict({"config": train_config}), node, MessageType.QUERY) for node in node_ids]
-    plans, failed = {}, {}
+    plans, failed, names = {}, {}, {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():  # the category only: the hospital's reason may name its files
             failed[f"node {reply.metadata.src_node_id}"] = failure_category(reply)
@@ -28,7 +29,8 @@ def ask_plans(grid, node_ids: list[int], train_config: ConfigRecord,
         values = {key: value for key, value in record.items() if key != "hospital"}
         if all(isinstance(v, (int, float)) for v in values.values()):
             plans[hospital] = values
-    return plans, failed
+            names[int(reply.metadata.src_node_id)] = hospital
+    return plans, failed, names
 
 
 def plan_lines(plans: dict[str, dict], rounds: int, failed: dict[str, str] | None = None) -> list[str]:

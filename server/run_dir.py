@@ -27,6 +27,9 @@ class RunDirectory:
         self.status = self.path / "status.json"  # the run's outcome (README: "When things fail")
         self.checkpoint = self.path / "checkpoint"
         self.stop_request = self.path / "STOP"  # created by anyone who wants the run to stop after this round
+        # True when the hospitals are simulated and take their budgets from config.yaml; False in a
+        # deployment, where each hospital's node config sets its own. status.json says which.
+        self.simulated: bool | None = None
 
     @classmethod
     def create(cls, path: str | Path | None) -> "RunDirectory":
@@ -50,6 +53,8 @@ class RunDirectory:
 
     def write_status(self, status: dict) -> None:
         """status.json, replaced atomically (readers never see half a file)."""
+        if self.simulated is not None:
+            status = status | {"simulated": self.simulated}
         replace_file(self.status, json.dumps(status, indent=2).encode())
 
     def rewrite_metrics(self, records: list[dict]) -> None:

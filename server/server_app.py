@@ -183,6 +183,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds and write the run directory; status.json tells how it ended."""
     simulated = simulated_hospitals(grid)  # 0 in a deployment
     config, run, saved = _open_run(context, simulated)
+    run.simulated = bool(simulated)
     close_log = _open_log(run)
     stop = StopFlag(run.stop_request)
     stop.install()
@@ -276,7 +277,7 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
     run.write_status(_status("running", completed, strategy, "the run has not finished", exit_code=EXIT_WITH_PROBLEMS))
     save_checkpoint(completed)
     print(f"Run directory: {run.path}", flush=True)
-    _show_plans(grid, config, run, train_config, first_round, stop)
+    _show_plans(grid, config, run, strategy, train_config, first_round, stop)
     started = time.time()
     state, reason = "finished", f"all {config.rounds} rounds ran"
     try:
@@ -333,14 +334,15 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         raise
 
 
-def _show_plans(grid: Grid, config, run: RunDirectory, train_config: ConfigRecord, first_round: int,
-                stop: StopFlag) -> None:
+def _show_plans(grid: Grid, config, run: RunDirectory, strategy: PrivateFedAvg, train_config: ConfigRecord,
+                first_round: int, stop: StopFlag) -> None:
     """Before the first round: every hospital's privacy plan (public numbers), printed and in plan.json."""
     print("Asking the hospitals for their privacy plans (each loads its data and plans its noise) ...", flush=True)
     nodes = _wait_for_hospitals(grid, config.hospitals, config.train.min_hospitals, config.train.round_timeout, stop)
     rounds_left = config.rounds - first_round + 1
     query = ConfigRecord(dict(train_config) | {"planned_rounds": rounds_left})
-    plans, failed = ask_plans(grid, nodes, query, timeout=config.train.round_timeout)
+    plans, failed, names = ask_plans(grid, nodes, query, timeout=config.train.round_timeout)
+    strategy.name_nodes(names)  # a hospital that then fails before it ever trains is named, not numbered
     (run.path / "plan.json").write_text(json.dumps(plans, indent=1, sort_keys=True))
     for line in plan_lines(plans, rounds_left, failed):
         print(line, flush=True)

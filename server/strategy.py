@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,17 @@ class PrivateFedAvg(FedAvg):
             if name == "node_names" and not keep_nodes:
                 continue
             setattr(self, name, value)
+
+    def name_nodes(self, names: dict[int, str]) -> None:
+        """Bind the names hospitals gave in their privacy plans, as a first reply would.
+
+        A name claimed by two nodes, or already another node's, binds neither: the first
+        training reply settles it as before."""
+        claims = Counter(names.values())
+        for node, name in names.items():
+            taken = any(bound == name for other, bound in self.node_names.items() if other != str(node))
+            if claims[name] == 1 and not taken:
+                self.node_names.setdefault(str(node), name)
 
     def label(self, node_id: int) -> str:
         return self.node_names.get(str(node_id), f"node {node_id}")

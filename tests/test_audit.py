@@ -445,3 +445,31 @@ def test_with_batch_size_auto_the_batch_follows_from_each_hospitals_examples(tmp
     config["train"]["batch_size"] = "auto"
     found = context_findings(run_dir(tmp_path / "run2", records, config))
     assert not any("sampling_rate" in d for d in found), found
+
+
+@pytest.mark.parametrize("simulated", [True, False, None])
+def test_budgets_in_the_ledger_are_checked_against_the_config(tmp_path, clean_records, simulated):
+    # Simulated hospitals take max_epsilon and delta from config.yaml: a ledger that says
+    # otherwise is a discrepancy. Deployed ones set their own: a budget above the config's is a note.
+    config = copy.deepcopy(CONFIG) | {"privacy": {"max_epsilon": 1.0, "delta": DELTA}}
+    path = run_dir(tmp_path / "run", clean_records, config)
+    if simulated is not None:
+        (path / "status.json").write_text(json.dumps({"state": "finished", "simulated": simulated}))
+    report = audit.audit_ledger(audit.read_ledger(path), accountant="pld", context=audit.read_context(path))
+    budget_findings = [f for f in report.discrepancies + report.notes if "privacy.max_epsilon" in f]
+    if simulated:
+        assert sorted(report.discrepancies) == [
+            f"hospital {h}: max_epsilon {m} in the ledger, config.yaml's privacy.max_epsilon is 1.0; "
+            "a simulated hospital's budget is the config's" for h, m in (("a", 8.0), ("b", 8.0), ("c", 0.3))]
+    else:
+        assert report.discrepancies == []
+        named = sorted(f.split(":")[0] for f in budget_findings)
+        assert named == (["hospital a", "hospital b"] if simulated is False else ["hospital a", "hospital b", "hospital c"])
+        assert all("node config sets its own" in f for f in budget_findings)
+    # The same budgets as the config: nothing to say.
+    config["privacy"]["max_epsilon"] = 8.0
+    same = [r for r in clean_records if r["hospital"] != "c"]
+    path = run_dir(tmp_path / "same", same, config | {"hospitals": 2})
+    (path / "status.json").write_text(json.dumps({"state": "finished", "simulated": True}))
+    report = audit.audit_ledger(audit.read_ledger(path), accountant="pld", context=audit.read_context(path))
+    assert report.ok and not any("privacy." in n for n in report.notes), report.discrepancies + report.notes

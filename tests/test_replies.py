@@ -304,6 +304,25 @@ def test_a_charge_lost_before_the_name_was_known_is_ledgered_with_the_prior_spen
     assert own[1]["epsilon"] == pytest.approx(epsilon(PRIOR + fed.spent["hospital-0"], DELTA), rel=1e-9)
 
 
+def test_names_from_the_privacy_plans_name_a_hospital_that_fails_before_it_ever_trains(tmp_path):
+    fed = Federation(tmp_path)
+    # Plans came from every node; 104 and 105 both claimed "hospital-9", so neither is bound.
+    fed.strategy.name_nodes({101: "hospital-0", 102: "hospital-1", 103: "hospital-2", 104: "hospital-9",
+                             105: "hospital-9"})
+    assert [fed.strategy.label(n) for n in (101, 104, 105)] == ["hospital-0", "node 104", "node 105"]
+    fed.spent["hospital-0"].append(PrivacyEvent(SIGMA, sampling_rate_for(32, 320), steps_for(1.0, sampling_rate_for(32, 320))))
+    crash = Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason="killed"), reply_to=fed.request("hospital-0"))
+    _, outcome = fed.run([crash, fed.honest("hospital-1"), fed.honest("hospital-2")])
+    assert outcome.failed == {"hospital-0": "crash"}
+    # Bound by its plan as by a first reply: another node may not then take the name.
+    fed.strategy.name_nodes({106: "hospital-1"})
+    assert fed.strategy.label(106) == "node 106"
+    _, outcome = fed.run([fed.honest(n) for n in NODES])
+    assert sorted(outcome.trained) == sorted(NODES), outcome
+    own = [r for r in fed.ledger.records if r["hospital"] == "hospital-0"]
+    assert [(r["round"], r["status"]) for r in own] == [(1, "lost"), (2, "trained")]
+
+
 def test_the_superlinks_error_reply_for_a_vanished_node_names_that_node(tmp_path):
     """Flower's SuperLink answers for a node that went away, from its own node id (1)."""
     fed = Federation(tmp_path)

@@ -366,9 +366,36 @@ def _run_problems(records: list[dict], context: RunContext) -> tuple[list[str], 
             notes.append(f"round {metric['round']}: the ledger has {ledger} trained (charged) records but "
                          f"metrics.jsonl averaged {claimed} updates (rejected replies are charged, not averaged)")
 
+    budget_problems, budget_notes = _budget_problems(records, config, status.get("simulated"))
+    problems += budget_problems
+    notes += budget_notes
     for name, lines in context.odometers.items():
         problems += [f"odometer {name}: {p}" for p in odometer_chain_problems(lines)]
         problems += _odometer_problems(name, records, lines)
+    return problems, notes
+
+
+def _budget_problems(records: list[dict], config: dict | None, simulated) -> tuple[list[str], list[str]]:
+    """(discrepancies, notes): each hospital's ledgered max_epsilon and delta against config.yaml's privacy.
+
+    Simulated hospitals (status.json "simulated": true) take both from config.yaml, so any
+    difference is a discrepancy. Deployed hospitals set their own in their node config: a
+    budget above the coordinator's is only a note, for the officer who reads config.yaml as
+    the federation's budget. Run directories from before status.json said so get notes."""
+    problems, notes = [], []
+    seen = set()
+    for record in records:
+        hospital = _hospital_key(record.get("hospital"))
+        for key in ("max_epsilon", "delta"):
+            value, configured = record.get(key), _setting(config, "privacy", key)
+            if not (_is_number(value) and _is_number(configured)) or value == configured or (hospital, key, value) in seen:
+                continue
+            seen.add((hospital, key, value))
+            said = f"hospital {hospital}: {key} {value!r} in the ledger, config.yaml's privacy.{key} is {configured!r}"
+            if simulated is True:
+                problems.append(f"{said}; a simulated hospital's budget is the config's")
+            elif simulated is not False or value > configured:
+                notes.append(f"{said} (a deployed hospital's node config sets its own)")
     return problems, notes
 
 
