@@ -230,11 +230,16 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
                             "hospital's node config does not allow (model-builders=\"package.module:function\")")
     odometer_path = Path(str(node_config["odometer-path"])).absolute()
     source = str(node_config.get("data-source", "npz"))
+    # The hospital's choice, not the run config's: a coordinator that could switch it would learn,
+    # from which setting fails, whether the hospital holds unreadable files.
+    on_bad_image = str(node_config.get("on-bad-image", "refuse"))
+    if on_bad_image not in ("refuse", "skip"):
+        raise UserError(f"node config on-bad-image must be \"refuse\" or \"skip\", got {on_bad_image[:20]!r}")
     if source == "folder" and config.data.color == "auto":
         raise SettingsError("data.color is auto but the coordinator does not say which colour its model takes "
                             "(gray or rgb)")
     dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size, color=config.data.color,
-                           on_bad_image=config.data.on_bad_image)
+                           on_bad_image=on_bad_image)
     train_x, train_y = dataset.train_x, dataset.train_y
     hashes = _hashes(train_x, train_y)
     if dataset.test_x is not None and len(dataset.test_x):

@@ -65,10 +65,15 @@ def chance_warning(final: dict, latest: dict[str, dict]) -> list[str]:
             "hospitals, add data, or raise privacy.max_epsilon (each hospital's decision)."]
 
 
-def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_at: dict[str, float], seconds: float) -> list[str]:
-    """Final accuracy, each hospital's spend and remaining budget, who ended on budget, where files are."""
+def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_at: dict[str, float], seconds: float,
+                  first_round: int = 1) -> list[str]:
+    """Final accuracy, each hospital's spend and remaining budget, who ended on budget, where files are.
+
+    `seconds` is this process's time, from `first_round` on (after a resume, not the whole run's)."""
     metrics = run.read_metrics()
-    lines = ["", f"Finished {len(metrics)} round(s) in {seconds:.1f} s."]
+    here = sum(1 for m in metrics if m.get("round", 0) >= first_round)
+    lines = ["", f"Finished {len(metrics)} round(s) in {seconds:.1f} s." if here == len(metrics) else
+             f"Finished {len(metrics)} round(s), {here} of them since the resume, in {seconds:.1f} s."]
     if metrics:
         final = metrics[-1]
         lines.append(f"Final global model: accuracy {final['accuracy']:.3f}"

@@ -327,7 +327,8 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         _record_failure(run, completed, strategy, error)
         raise
     try:
-        _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed)
+        _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed,
+                first_round)
         write_report(run, hospital_label_counts(config, dataset) if simulated else None)
     except Exception as error:  # noqa: BLE001
         _record_failure(run, completed, strategy, error)
@@ -355,14 +356,16 @@ def _record_failure(run: RunDirectory, completed: int, strategy: PrivateFedAvg, 
                              f"details in {run.log}"))
 
 
-def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed) -> None:
+def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed,
+            first_round) -> None:
     """Ledger lost charges (simulation), save the model and plots, print the summary, write status.json."""
     for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), flower_runs):
         log.info("%s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
     model.set_weights(arrays.to_numpy_ndarrays())
     model.save(run.model)
     run.plot_accuracy()
-    for line in summary_lines(run, ledger.latest(), strategy.exhausted(), strategy.declined_at, time.time() - started):
+    for line in summary_lines(run, ledger.latest(), strategy.exhausted(), strategy.declined_at, time.time() - started,
+                              first_round):
         print(line, flush=True)
     named = sorted(strategy.failed) + sorted(strategy.rejected)
     if named:

@@ -147,6 +147,7 @@ def test_stop_file_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     code, out, err = _finish(process, tmp_path, "resumed")
     assert code == 0, out + err
     assert f"Resuming {run} after round {stopped_after}" in out
+    assert f"Finished 6 round(s), {6 - stopped_after} of them since the resume, in " in out  # its own time only
     status = _status(run)
     assert status["state"] == "finished" and status["rounds_completed"] == 6
 

@@ -148,6 +148,25 @@ def test_a_bad_images_path_never_reaches_the_coordinator(tmp_path, caplog):
     assert secret in (tmp_path / "odometer.errors.log").read_text()
 
 
+def test_only_the_hospital_decides_whether_unreadable_images_are_skipped(tmp_path):
+    """A coordinator that could switch data.on_bad_image would learn from which setting fails
+    whether the hospital holds unreadable files."""
+    from client.task import deployment_site
+    from common.config import load_config
+    from common.errors import UserError
+
+    node = _node(tmp_path, "folder")
+    (tmp_path / "data" / "pneumonia" / "broken.png").write_bytes(b"not an image")
+    skip = load_config(None, ["data.color=gray", "data.on_bad_image=skip"])
+    with pytest.raises(UserError, match="broken.png"):  # the node's default, refuse, stands
+        deployment_site(node, skip)
+    refuse = load_config(None, ["data.color=gray", "data.on_bad_image=refuse"])
+    site = deployment_site({**node, "on-bad-image": "skip"}, refuse)  # the hospital's own choice
+    assert len(site.train_y) + len(site.eval_y) == 40
+    with pytest.raises(UserError, match="on-bad-image must be"):
+        deployment_site({**node, "on-bad-image": "ignore"}, refuse)
+
+
 def test_coordinator_settings_the_engine_would_refuse_are_refused_before_any_charge(tmp_path):
     from client.client_app import app
 
