@@ -1,8 +1,9 @@
-"""Test-only ClientApp: hospital-2's data goes bad after round 1 (tests/test_faults.py).
+"""Test-only ClientApp: hospital-2 plans, then fails every training round (tests/test_faults.py).
 
-From round 2 on, hospital-2 fails the way a hospital whose images became unreadable fails:
+Its privacy plan comes through (the real ClientApp's), so the coordinator knows its name;
+every training message then fails the way a hospital whose images became unreadable fails:
 the real ClientApp's error handling replies with the category "data" and nothing else.
-Every other hospital, and hospital-2 in round 1, is the real ClientApp.
+Every other hospital is the real ClientApp.
 """
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -19,7 +20,7 @@ def _unreadable(msg: Message, context: Context) -> Message:
 
 
 def _broken(msg: Message, context: Context) -> bool:
-    return int(context.node_config["partition-id"]) == 2 and int(msg.content["config"]["server-round"]) >= 2
+    return int(context.node_config["partition-id"]) == 2
 
 
 @app.train()
