@@ -25,8 +25,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.task import (SettingsError, TrainSettings, deployment_site, evaluate_round, plan_summary, simulation_site,
-                         train_round, with_model_color)
+from client.task import SettingsError, TrainSettings, deployment_site, evaluate_round, plan_summary, simulation_site, train_round
 from common.config import from_run_config
 from common.errors import UserError
 
@@ -81,9 +80,8 @@ def _error_log(context: Context, text: str) -> None:
         pass
 
 
-def _site(context: Context, msg: Message):
+def _site(context: Context):
     config = from_run_config(context.run_config, int(context.node_config.get("num-partitions", 0)))
-    config = with_model_color(config, msg.content["config"] if "config" in msg.content else None)
     if "hospital-id" in context.node_config:
         return config, deployment_site(context.node_config, config)
     return config, simulation_site(config, int(context.node_config["partition-id"]))
@@ -113,7 +111,7 @@ def _settings(round_config) -> TrainSettings:
 @_guarded
 def plan(msg: Message, context: Context) -> Message:
     """Before round 1: the hospital's privacy plan for this run (public numbers only)."""
-    config, site = _site(context, msg)
+    config, site = _site(context)
     summary = plan_summary(site, _settings(msg.content["config"]), _coordinator_run(msg, context))
     return Message(content=RecordDict({"plan": ConfigRecord({"hospital": site.name, **summary})}), reply_to=msg)
 
@@ -122,7 +120,7 @@ def plan(msg: Message, context: Context) -> Message:
 @_guarded
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this hospital's data with DP-SGD, within its budget."""
-    config, site = _site(context, msg)
+    config, site = _site(context)
     round_config = msg.content["config"]
     settings = _settings(round_config)
     weights = msg.content["arrays"].to_numpy_ndarrays()
@@ -170,7 +168,7 @@ def train(msg: Message, context: Context) -> Message:
 @_guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this hospital's local held-out split (if the hospital allows it)."""
-    config, site = _site(context, msg)
+    config, site = _site(context)
     scores = evaluate_round(site, config, msg.content["arrays"].to_numpy_ndarrays())
     metrics = {"num-examples": 0} if scores is None else {"num-examples": len(site.eval_y), **scores}
     content = RecordDict({"metrics": MetricRecord(metrics), "privacy": ConfigRecord({"hospital": site.name})})

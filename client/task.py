@@ -194,22 +194,6 @@ def _switch(node_config: dict, key: str, *, default: bool) -> bool:
     raise UserError(f"node config {key}={node_config[key]!r} is not true or false")
 
 
-def with_model_color(config: Config, round_config) -> Config:
-    """`config` with data.color "auto" replaced by the colour the coordinator's model takes.
-
-    A deployed hospital never resolves "auto" from its own images (`deployment_site` refuses
-    to): hospitals whose folders differ would feed one model different channel counts, and
-    the refusal would tell the coordinator what the images hold. The coordinator's choice
-    changes only how the images are read, as data.color in the run config always could.
-    """
-    if config.data.color != "auto" or round_config is None or "color" not in round_config:
-        return config
-    color = round_config["color"]
-    if color not in ("gray", "rgb"):
-        raise SettingsError(f"the coordinator's colour {str(color)[:20]!r} is neither gray nor rgb")
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, color=color))
-
-
 def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     """A real hospital: data, budget, odometer and split from its own node config, never the server's."""
     required = ("hospital-id", "data-path", "max-epsilon", "delta", "odometer-path")
@@ -235,9 +219,6 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     on_bad_image = str(node_config.get("on-bad-image", "refuse"))
     if on_bad_image not in ("refuse", "skip"):
         raise UserError(f"node config on-bad-image must be \"refuse\" or \"skip\", got {on_bad_image[:20]!r}")
-    if source == "folder" and config.data.color == "auto":
-        raise SettingsError("data.color is auto but the coordinator does not say which colour its model takes "
-                            "(gray or rgb)")
     dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size, color=config.data.color,
                            on_bad_image=on_bad_image)
     train_x, train_y = dataset.train_x, dataset.train_y

@@ -42,7 +42,7 @@ class DataConfig:
     test_fraction: float = 0.2  # central held-out test split, when the source has none
     local_eval_fraction: float = 0.1  # each hospital's local held-out split for federated evaluation
     on_bad_image: str = "refuse"  # refuse | skip (and count) unreadable images
-    color: str = "auto"  # folders: auto (colour if most images carry it) | gray (one channel) | rgb (three)
+    color: str = "gray"  # folders: gray (one channel) | rgb (keeps colour: stains, fundus, skin)
 
 
 @dataclass
@@ -109,7 +109,7 @@ CHOICES = {
     "data.source": ("digits", "npz", "folder"),
     "data.partition": ("iid", "dirichlet", "quantity"),
     "data.on_bad_image": ("refuse", "skip"),
-    "data.color": ("auto", "gray", "rgb"),
+    "data.color": ("gray", "rgb"),
     "model.activation": ("tanh", "relu", "elu", "sigmoid"),
     "model.normalization": ("none", "group"),
     "model.head": ("flatten", "avgpool"),

@@ -75,13 +75,8 @@ class Dataset:
         return int(h), int(w), int(c)
 
 
-def color_of(dataset: Dataset) -> str:
-    """The `data.color` that reads a folder the way `dataset` was read: "rgb" or "gray"."""
-    return "rgb" if dataset.input_shape[2] == 3 else "gray"
-
-
 def load_dataset(source: str, path: str = "", *, image_size: int = 0,
-                 on_bad_image: str = "refuse", color: str = "auto") -> Dataset:
+                 on_bad_image: str = "refuse", color: str = "gray") -> Dataset:
     """Load `source` ("digits", "npz" or "folder") from `path`; see the module docstring."""
     _check_options(source, image_size, on_bad_image)
     if source == "digits":
@@ -96,7 +91,7 @@ def load_dataset(source: str, path: str = "", *, image_size: int = 0,
 
 
 def load_hospital_paths(source: str, paths: list[str], *, image_size: int = 0,
-                        on_bad_image: str = "refuse", color: str = "auto") -> list[Dataset]:
+                        on_bad_image: str = "refuse", color: str = "gray") -> list[Dataset]:
     """Load one file or folder per hospital and check they describe the same task.
 
     All hospitals must agree on the input shape (set `image_size` to resize them to one
@@ -107,11 +102,6 @@ def load_hospital_paths(source: str, paths: list[str], *, image_size: int = 0,
         raise UserError("data.paths is empty: give one data file or folder per hospital")
     datasets = [load_dataset(source, p, image_size=image_size, on_bad_image=on_bad_image, color=color)
                 for p in paths]
-    if source == "folder" and color == "auto" and len({ds.input_shape[2] for ds in datasets}) > 1:
-        # One model for all: when any hospital's folder carries colour, every hospital reads in colour.
-        datasets = [ds if ds.input_shape[2] == 3 else
-                    load_dataset(source, p, image_size=image_size, on_bad_image=on_bad_image, color="rgb")
-                    for p, ds in zip(paths, datasets)]
     first, ref = paths[0], datasets[0]
     for p, ds in zip(paths[1:], datasets[1:]):
         if ds.input_shape != ref.input_shape:

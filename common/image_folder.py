@@ -5,12 +5,9 @@ folder included), or `ROOT/train/<class>/...` with optional `ROOT/test/<class>/.
 `ROOT/val/<class>/...` (val is merged into train). Classes are the sorted train class folder
 names; hidden and tool folders (.git, __MACOSX) are never classes.
 
-Colour (`data.color`): "gray" converts every image to one channel (16-bit PNGs keep their full
-range); "rgb" keeps three channels (stains, fundus, skin); "auto" (the default) reads the
-folder in colour when most of a fixed sample of its images carry colour, and in gray
-otherwise: X-rays are often stored as RGB files whose three channels are equal, and colour
-would triple their memory for nothing. Deployed hospitals never decide "auto" from their own
-images: they read theirs in the colour the coordinator's model takes (client/task.py).
+Colour (`data.color`): "gray" converts every image to one channel, a fixed rule so that every
+hospital derives the same input shape from its own files whatever they hold (16-bit PNGs
+keep their full range); "rgb" keeps three channels (stains, fundus, skin).
 
 Size: `image_size` N > 0 resizes every image to N x N; 0 takes the most common size, except
 that a folder whose most common size is larger than DEFAULT_FOLDER_SIZE is trained at
@@ -36,11 +33,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 DEFAULT_FOLDER_SIZE = 32  # side a folder of larger images is trained at unless data.image_size says
 _SPLIT_DIRS = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_GRAY_MODES = ("1", "L", "LA", "F") + _SIXTEEN_BIT_MODES
-COLOUR_SAMPLE = 32  # images "auto" looks at, spread evenly over the sorted file list
-# Mean spread between an image's channels (0-255) above which it carries colour: JPEG
-# rounding leaves gray images stored as RGB within about 1; stained slides are far above.
-COLOUR_SPREAD = 4.0
 
 
 def _visible_dirs(p):
@@ -100,7 +92,7 @@ def _class_files(split_dir):
     return out
 
 
-def load_folder(root, image_size, on_bad_image, color="auto"):
+def load_folder(root, image_size, on_bad_image, color="gray"):
     """Load the folder at `root` (an existing directory) as a Dataset; see the module docstring."""
     layout = _folder_layout(root)
     per_split = {split: _class_files(d) for split, d in layout.items()}
@@ -148,11 +140,6 @@ def load_folder(root, image_size, on_bad_image, color="auto"):
                          f"{DEFAULT_FOLDER_SIZE}x{DEFAULT_FOLDER_SIZE}, a size DP-SGD trains well on a CPU "
                          "(set data.image_size to choose another)")
             target = (DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
-    colour_note = ""
-    if color == "auto":
-        coloured, looked = _colour_count([e[2] for e in entries])
-        color = "rgb" if 2 * coloured > looked else "gray"
-        colour_note = f" (data.color auto: {coloured} of {looked} sampled images carry colour)"
     channels = 3 if color == "rgb" else 1
     too_large = beyond_machine_share(len(entries) * target[0] * target[1] * channels)  # one uint8 copy of each image
     if too_large:
@@ -182,7 +169,7 @@ def load_folder(root, image_size, on_bad_image, color="auto"):
             keep[i] = False
 
     notes = [f"{root}: {len(class_names)} classes ({short_list(class_names, 8)}), images "
-             + ("read as RGB colour" if color == "rgb" else "converted to grayscale") + colour_note]
+             + ("read as RGB colour" if color == "rgb" else "converted to grayscale (data.color: rgb keeps colour)")]
     if "val" in layout:
         notes.append(f"merged {sum(1 for e, k in zip(entries, keep) if k and e[0] == 'val')} "
                      f"images from {layout['val']} into train")
@@ -219,30 +206,6 @@ def load_folder(root, image_size, on_bad_image, color="auto"):
 def _refuse(path, err):
     raise UserError(f"cannot read image {path} ({one_line(err)}); replace or delete it, or "
                     "set data.on_bad_image: skip to leave unreadable images out") from None
-
-
-def _colour_count(paths) -> tuple[int, int]:
-    """(how many carry colour, how many were looked at) of an even sample of `paths`."""
-    step = max(1, len(paths) // COLOUR_SAMPLE)
-    sample = sorted(paths)[::step][:COLOUR_SAMPLE]
-    seen = [_carries_colour(p) for p in sample]
-    seen = [s for s in seen if s is not None]
-    return sum(seen), len(seen)
-
-
-def _carries_colour(path) -> bool | None:
-    """Whether the image at `path` carries colour; None when its pixels cannot be read."""
-    try:
-        with Image.open(path) as im:
-            if im.mode in _GRAY_MODES:
-                return False
-            im.draft("RGB", (64, 64))  # a JPEG decodes at a fraction of its size: the spread survives
-            pixels = np.asarray(im.convert("RGB"), dtype=np.int16)
-    except MemoryError:
-        raise
-    except Exception:  # noqa: BLE001 - a corrupt file is the decode pass's to report, not this sample's
-        return None
-    return float(np.mean(pixels.max(axis=-1) - pixels.min(axis=-1))) > COLOUR_SPREAD
 
 
 def _decode(path, target, color):

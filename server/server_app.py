@@ -22,7 +22,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import from_dict, from_run_config, to_dict
-from common.data import color_of
 from common.errors import UserError
 from common.federation import central_test_set, hospital_label_counts
 from common.metrics import evaluate_model
@@ -254,9 +253,6 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         "l2_norm_clip": config.dp.l2_norm_clip,
         "noise_multiplier": config.dp.noise_multiplier,  # a number, or "auto": each hospital plans its own
         "planned_rounds": config.rounds,
-        # The colour the model takes, from the coordinator's own images: a hospital whose
-        # data.color is auto reads its folder so, and every hospital feeds the model alike.
-        "color": color_of(dataset),
         # The first Flower run of this run directory: stays the same across resumes, so each
         # hospital keeps the noise it planned for the whole run.
         "coordinator-run": flower_runs[0],
@@ -386,8 +382,7 @@ def _train_round(grid, strategy, server_round, arrays, train_config, config, mod
     model.set_weights(arrays.to_numpy_ndarrays())
     record.update(evaluate_model(model, test_x, test_y))
     if config.train.fraction_evaluate > 0:
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord({"color": train_config["color"]}),
-                                               grid)
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
         federated = strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
         if federated:
             record.update({f"federated_{key}": value for key, value in federated.items()})

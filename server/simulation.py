@@ -17,7 +17,6 @@ bad input, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import signal
@@ -75,7 +74,6 @@ def check_writable(out: Path) -> None:
 def prepare(args):
     """Resolve the config, check the data and the run directory before anything starts."""
     from common.config import load_config, to_dict
-    from common.data import color_of
     from common.federation import build_federation
     from common.partition import hospital_table
     from common.privacy import delta_refusal
@@ -107,8 +105,6 @@ def prepare(args):
     # Not the per-process cache: the table needs the data once, and this process then only
     # streams Flower's output for the whole run (at 224 px it would hold ~1 GB of images).
     federation = build_federation(config)
-    if config.data.source == "folder" and config.data.color == "auto":  # the run's records name what was chosen
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, color=color_of(federation.dataset)))
     for shard in federation.shards:  # every hospital would refuse it in its first round: say so now
         refusal = delta_refusal(shard.name, config.privacy.delta, len(shard.train_y))
         if refusal:

@@ -184,39 +184,10 @@ def test_folder_jpeg_train_test_layout_colour_to_gray(tmp_path):
     make_folder(root / "train", classes=("a", "b", "c"), per_class=2, ext=".JPG", mode="RGB")
     make_folder(root / "test", classes=("a", "c"), per_class=1, ext=".jpeg", mode="RGB")
     (root / "train" / "a" / "notes.txt").write_text("ignored")
-    ds = load_dataset("folder", str(root), color="gray")
+    ds = load_dataset("folder", str(root))
     assert ds.class_names == ["a", "b", "c"] and ds.input_shape == (16, 16, 1)
     assert len(ds.train_x) == 6 and len(ds.test_x) == 2 and sorted(ds.test_y.tolist()) == [0, 2]
     assert ds.train_x.dtype == np.uint8
-
-
-def write_gray_as_rgb(path, seed, size=(24, 24)):
-    """A gray image stored as an RGB JPEG, as X-rays often are: three equal channels."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    gray = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0]), dtype=np.uint8)
-    Image.fromarray(np.stack([gray] * 3, axis=-1)).save(path, quality=75)
-
-
-def test_color_auto_keeps_colour_only_where_the_images_carry_it(tmp_path):
-    stains = make_folder(tmp_path / "stains", per_class=3, ext=".jpg", mode="RGB")
-    xrays = tmp_path / "xrays"
-    for c, name in enumerate(("benign", "malignant")):
-        for i in range(3):
-            write_gray_as_rgb(xrays / name / f"img{i}.jpg", seed=10 * c + i)
-    assert Image.open(xrays / "benign" / "img0.jpg").mode == "RGB"  # stored as colour files
-    coloured = load_dataset("folder", str(stains))  # auto is the default
-    assert coloured.input_shape == (16, 16, 3)
-    assert any("6 of 6 sampled images carry colour" in n for n in coloured.notes), coloured.notes
-    gray = load_dataset("folder", str(xrays))
-    assert gray.input_shape == (24, 24, 1) and any("converted to grayscale" in n and "0 of 6" in n for n in gray.notes)
-    # The majority decides: one stray colour image in a folder of gray ones stays gray.
-    write_image(xrays / "benign" / "annotated.png", size=(24, 24), mode="RGB", seed=99)
-    assert load_dataset("folder", str(xrays)).input_shape == (24, 24, 1)
-    # One folder per hospital, one model: when any hospital's images carry colour, all are read in colour.
-    both = load_hospital_paths("folder", [str(xrays), str(stains)], image_size=16)
-    assert [ds.input_shape for ds in both] == [(16, 16, 3), (16, 16, 3)]
-    equal_channels = [np.array_equal(x[..., 0], x[..., 2]) for x in both[0].train_x]
-    assert sorted(equal_channels) == [False] + [True] * 6  # the gray JPEGs, and the one colour image
 
 
 def test_folder_val_split_merged(tmp_path):
@@ -344,7 +315,7 @@ def test_hospital_npz_label_ranges_must_match(tmp_path):
 
 def test_folder_of_large_images_defaults_to_a_trainable_size_and_says_why(tmp_path):
     root = make_folder(tmp_path / "xl", per_class=2, size=(120, 100), mode="RGB")
-    ds = load_dataset("folder", str(root), color="gray")
+    ds = load_dataset("folder", str(root))
     assert ds.input_shape == (32, 32, 1) and ds.train_x.dtype == np.uint8
     assert any("120x100" in n and "32x32" in n and "data.image_size" in n for n in ds.notes), ds.notes
     # data.image_size still chooses; data.color rgb keeps the three channels.

@@ -110,7 +110,7 @@ def _train_content(learning_rate=0.5):
     return RecordDict({"arrays": ArrayRecord(model.get_weights()), "config": ConfigRecord({
         "server-round": 1, "batch_size": 4, "local_epochs": 1.0, "learning_rate": learning_rate,
         "momentum": 0.0, "lr_schedule": "constant", "l2_norm_clip": 1.0, "noise_multiplier": 1.0,
-        "planned_rounds": 3, "color": "gray"})})
+        "planned_rounds": 3})})
 
 
 def _sent_bytes(reply) -> bytes:
@@ -157,10 +157,10 @@ def test_only_the_hospital_decides_whether_unreadable_images_are_skipped(tmp_pat
 
     node = _node(tmp_path, "folder")
     (tmp_path / "data" / "pneumonia" / "broken.png").write_bytes(b"not an image")
-    skip = load_config(None, ["data.color=gray", "data.on_bad_image=skip"])
+    skip = load_config(None, ["data.on_bad_image=skip"])
     with pytest.raises(UserError, match="broken.png"):  # the node's default, refuse, stands
         deployment_site(node, skip)
-    refuse = load_config(None, ["data.color=gray", "data.on_bad_image=refuse"])
+    refuse = load_config(None, ["data.on_bad_image=refuse"])
     site = deployment_site({**node, "on-bad-image": "skip"}, refuse)  # the hospital's own choice
     assert len(site.train_y) + len(site.eval_y) == 40
     with pytest.raises(UserError, match="on-bad-image must be"):
@@ -258,7 +258,7 @@ def test_a_model_builder_runs_only_if_the_hospital_allows_it(tmp_path):
     from common.config import load_config
 
     node = _node(tmp_path, "folder")
-    config = load_config(None, ["model.builder=tests.apps.builders:tiny", "data.color=gray"])
+    config = load_config(None, ["model.builder=tests.apps.builders:tiny"])
     with pytest.raises(SettingsError, match="does not allow"):
         deployment_site(node, config)
     site = deployment_site({**node, "model-builders": "other:thing, tests.apps.builders:tiny"}, config)
@@ -273,56 +273,11 @@ def test_the_evaluation_switch_refuses_what_it_cannot_read(tmp_path, value, expe
     from common.errors import UserError
 
     node = _node(tmp_path, "folder", evaluate=value)
-    config = load_config(None, ["data.color=gray"])
     if expected is None:
         with pytest.raises(UserError, match="evaluate"):
-            deployment_site(node, config)
+            deployment_site(node, load_config(None, []))
     else:
-        assert deployment_site(node, config).evaluate is expected
-
-
-def test_a_deployed_hospital_reads_its_images_in_the_colour_of_the_coordinators_model(tmp_path):
-    """data.color auto is never decided from a hospital's own images: its refusal would say what they hold."""
-    from flwr.app import ArrayRecord
-    from PIL import Image
-
-    from client.client_app import app
-    from client.split import PreparationChanged
-    from client.task import SettingsError, deployment_site, with_model_color
-    from common.config import load_config
-
-    rng = np.random.default_rng(1)
-    folder = tmp_path / "stains"
-    for label in ("normal", "pneumonia"):
-        (folder / label).mkdir(parents=True)
-        for i in range(20):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / label / f"img{i}.png")
-    node = {"hospital-id": "h", "data-source": "folder", "data-path": str(folder), "max-epsilon": 8.0,
-            "delta": 1e-5, "odometer-path": str(tmp_path / "odo.jsonl")}
-    auto = load_config(None, [])
-    assert auto.data.color == "auto"
-    with pytest.raises(SettingsError, match="does not say which colour"):
-        deployment_site(node, with_model_color(auto, {}))  # an older coordinator: it never says
-    with pytest.raises(SettingsError, match="neither gray nor rgb"):
-        with_model_color(auto, {"color": "auto"})
-    assert deployment_site(node, with_model_color(auto, {"color": "gray"})).train_x.shape[1:] == (16, 16, 1)
-    with pytest.raises(PreparationChanged):  # its split was made from gray images: no example moves
-        deployment_site(node, with_model_color(auto, {"color": "rgb"}))
-    fresh = {**node, "odometer-path": str(tmp_path / "other.jsonl")}
-    assert deployment_site(fresh, with_model_color(auto, {"color": "rgb"})).train_x.shape[1:] == (16, 16, 3)
-    # A setting the hospital's own config states is the hospital's: the message cannot change it.
-    assert with_model_color(load_config(None, ["data.color=gray"]), {"color": "rgb"}).data.color == "gray"
-    # Through the ClientApp, a 1-channel model is told "gray" and trains on these colour images.
-    context = _context({"data-source": "folder", "data-path": str(folder)}, tmp_path / "x")
-    (tmp_path / "x").mkdir()
-    content = _train_content()
-    content["arrays"] = ArrayRecord(_default_model_weights((16, 16, 1)))
-    reply = app(_message("train", content), context)
-    assert not reply.has_error() and reply.content["privacy"]["status"] == "trained"
-    content = _train_content()
-    del content["config"]["color"]
-    reply = app(_message("train", content), _context({"data-source": "folder", "data-path": str(folder)}, tmp_path))
-    assert reply.has_error() and reply.error.reason == "settings"
+        assert deployment_site(node, load_config(None, [])).evaluate is expected
 
 
 @pytest.mark.parametrize("clip", [2.3e-38, 1e-5, 2e38])

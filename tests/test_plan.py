@@ -12,7 +12,7 @@ def _plan_content(noise="auto", rounds=5, batch=8):
 
     return RecordDict({"config": ConfigRecord({
         "batch_size": batch, "local_epochs": 1.0, "learning_rate": 0.2, "momentum": 0.9, "lr_schedule": "cosine",
-        "l2_norm_clip": 1.0, "noise_multiplier": noise, "planned_rounds": rounds, "color": "gray"})})
+        "l2_norm_clip": 1.0, "noise_multiplier": noise, "planned_rounds": rounds})})
 
 
 def test_a_hospital_answers_the_plan_query_with_public_numbers_within_its_budget(tmp_path):

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import dp_accounting
-import numpy as np
 import pytest
 import yaml
 
@@ -61,27 +60,6 @@ def test_two_hospitals_two_rounds_write_the_run_directory(first_run):
     model = load_model(run / "model.keras")
     assert model.output_shape == (None, 10)
     assert json.loads((run / "status.json").read_text())["simulated"] is True  # budgets are config.yaml's
-
-
-def test_a_folder_of_colour_images_is_trained_in_colour_by_default(tmp_path):
-    from PIL import Image
-
-    from common.model import load_model
-
-    rng = np.random.default_rng(0)
-    for label, tint in (("stained_a", (1.0, 0.4, 0.6)), ("stained_b", (0.5, 0.3, 1.0))):
-        (tmp_path / "slides" / label).mkdir(parents=True)
-        for i in range(40):
-            pixels = rng.integers(0, 256, (12, 12, 1)) * np.array(tint)
-            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "slides" / label / f"{i}.png")
-    run = tmp_path / "run"
-    stdout = _simulate("--set", "rounds=1", "--set", "data.source=folder", "--set", f"data.path={tmp_path / 'slides'}",
-                       "--set", "train.batch_size=16", "--set", f"privacy.odometer_dir={tmp_path / 'odo'}",
-                       "--out", str(run))
-    assert "read as RGB colour (data.color auto: 32 of 32 sampled images carry colour)" in stdout
-    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["color"] == "rgb"  # what the run used
-    assert load_model(run / "model.keras").input_shape == (None, 12, 12, 3)
-    assert all(r["status"] == "trained" for r in _ledger(run))
 
 
 def test_every_ledger_epsilon_recomputes_from_its_fields(first_run):
