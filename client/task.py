@@ -17,7 +17,7 @@ import numpy as np
 from client.odometer import SIMULATION_ODOMETER, OdometerError, PrivacyOdometer, example_hashes, fingerprint
 from client.split import hospital_split
 from common.config import MAX_PLANNED_EPOCHS, MIN_NOISE, RANGES, Config, ModelConfig
-from common.data import load_dataset
+from common.data import BAD_IMAGE_POLICIES, load_dataset
 from common.dp_sgd import DPSGDEngine, scheduled_learning_rate
 from common.errors import UserError
 from common.federation import load_federation
@@ -217,7 +217,7 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     # The hospital's choice, not the run config's: a coordinator that could switch it would learn,
     # from which setting fails, whether the hospital holds unreadable files.
     on_bad_image = str(node_config.get("on-bad-image", "refuse"))
-    if on_bad_image not in ("refuse", "skip"):
+    if on_bad_image not in BAD_IMAGE_POLICIES:
         raise UserError(f"node config on-bad-image must be \"refuse\" or \"skip\", got {on_bad_image[:20]!r}")
     dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size, color=config.data.color,
                            on_bad_image=on_bad_image)
