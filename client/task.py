@@ -5,6 +5,7 @@ No Flower here: client/client_app.py unpacks messages and calls these functions.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import logging
@@ -194,12 +195,27 @@ def _switch(node_config: dict, key: str, *, default: bool) -> bool:
     raise UserError(f"node config {key}={node_config[key]!r} is not true or false")
 
 
-def deployment_site(node_config: dict, config: Config) -> HospitalSite:
-    """A real hospital: data, budget, odometer and split from its own node config, never the server's."""
-    required = ("hospital-id", "data-path", "max-epsilon", "delta", "odometer-path")
-    missing = [key for key in required if key not in node_config]
+NODE_CONFIG_REQUIRED = ("hospital-id", "data-path", "max-epsilon", "delta", "odometer-path")
+NODE_CONFIG_OPTIONAL = ("data-source", "eval-fraction", "evaluate", "on-bad-image", "split-seed", "model-builders")
+
+
+def _check_node_keys(node_config: dict) -> None:
+    """Refuse a missing or unknown key: a misspelt `evaluate=false` must not quietly mean true."""
+    missing = [key for key in NODE_CONFIG_REQUIRED if key not in node_config]
     if missing:
         raise UserError(f"node config is missing {', '.join(missing)}: pass them with flower-supernode --node-config")
+    known = NODE_CONFIG_REQUIRED + NODE_CONFIG_OPTIONAL
+    for key in node_config:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"node config has an unknown key {str(key)[:40]!r}: {hint}"
+                            f"the keys are {', '.join(known)}")
+
+
+def deployment_site(node_config: dict, config: Config) -> HospitalSite:
+    """A real hospital: data, budget, odometer and split from its own node config, never the server's."""
+    _check_node_keys(node_config)
     name = str(node_config["hospital-id"])
     max_epsilon, delta = _finite_number(node_config, "max-epsilon"), _finite_number(node_config, "delta")
     if max_epsilon <= 0 or not 0 < delta < 1:

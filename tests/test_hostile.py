@@ -280,6 +280,18 @@ def test_the_evaluation_switch_refuses_what_it_cannot_read(tmp_path, value, expe
         assert deployment_site(node, load_config(None, [])).evaluate is expected
 
 
+def test_a_misspelt_node_config_key_is_refused_not_read_as_its_default(tmp_path):
+    from client.task import deployment_site
+    from common.config import load_config
+    from common.errors import UserError
+
+    # "evalute=false" silently left evaluation on: the hospital's scores went to the coordinator.
+    node = _node(tmp_path, "folder", evalute="false")
+    with pytest.raises(UserError, match="unknown key 'evalute': did you mean 'evaluate'"):
+        deployment_site(node, load_config(None, []))
+    assert deployment_site(_node(tmp_path, "folder", evaluate="false"), load_config(None, [])).evaluate is False
+
+
 @pytest.mark.parametrize("clip", [2.3e-38, 1e-5, 2e38])
 def test_a_clip_bound_outside_the_range_is_refused_by_config_and_hospital(clip):
     from client.task import SettingsError, TrainSettings
