@@ -48,9 +48,11 @@ def chance_warning(final: dict, latest: dict[str, dict]) -> list[str]:
         return []
     what = ("answers the same class for every test image" if final.get("single_class")
             else f"is at chance level (balanced accuracy {balanced:.3f}, chance {chance:.3f})")
-    trained = [r for r in latest.values() if r.get("num_examples")]
+    # A declined round's record carries no real sigma: only training records say what the noise was.
+    trained = [r for r in latest.values() if r.get("status") == "trained" and r.get("num_examples")]
     if not trained:
-        return [f"  Warning: the final model {what}."]
+        return [f"  Warning: the final model {what}; no hospital's last round trained (budgets spent or rounds "
+                "failed: the round lines say which)."]
     if final.get("round", SHORT_RUN) < SHORT_RUN:  # one or two rounds teach little whatever the noise
         why = (f"only {final['round']} round(s) ran, too few to learn much: run more rounds (planned noise spreads "
                "the same budget over them). The data may also be too small for this budget.")

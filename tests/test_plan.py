@@ -74,8 +74,13 @@ def test_fixed_noise_is_kept_and_the_plan_shows_where_it_ends(tmp_path):
 def test_a_model_at_chance_level_is_named_with_why_the_data_is_too_small():
     from server.report import chance_warning
 
-    latest = {"hospital-0": {"num_examples": 31, "sampling_rate": 16 / 31, "noise_multiplier": 3.9, "max_epsilon": 3.0},
-              "hospital-1": {"num_examples": 140, "sampling_rate": 16 / 140, "noise_multiplier": 2.1, "max_epsilon": 3.0}}
+    latest = {"hospital-0": {"status": "trained", "num_examples": 31, "sampling_rate": 16 / 31,
+                             "noise_multiplier": 3.9, "max_epsilon": 3.0},
+              "hospital-1": {"status": "trained", "num_examples": 140, "sampling_rate": 16 / 140,
+                             "noise_multiplier": 2.1, "max_epsilon": 3.0},
+              # A declined round's record: its sigma is no noise anyone trained with, and it is the smallest.
+              "hospital-2": {"status": "budget_exhausted", "num_examples": 20, "sampling_rate": 16 / 20,
+                             "noise_multiplier": 64.0, "max_epsilon": 3.0}}
     (line,) = chance_warning({"round": 20, "balanced_accuracy": 0.51, "classes": 2, "single_class": 0}, latest)
     assert "the data is too small for this budget" in line and "31 training examples" in line and "sigma 3.9" in line
     assert chance_warning({"round": 20, "balanced_accuracy": 0.62, "classes": 2}, latest) == []
@@ -84,6 +89,9 @@ def test_a_model_at_chance_level_is_named_with_why_the_data_is_too_small():
     # A run of one round is named as the first suspect, not the data.
     (short,) = chance_warning({"round": 1, "balanced_accuracy": 0.1, "classes": 10, "single_class": 0}, latest)
     assert "only 1 round(s) ran" in short and "may also be too small" in short
+    # Nobody trained last: no noise figure is made up.
+    (none,) = chance_warning({"round": 20, "balanced_accuracy": 0.1, "classes": 10}, {"hospital-2": latest["hospital-2"]})
+    assert "no hospital's last round trained" in none and "sigma" not in none
 
 
 def test_a_hospital_that_declines_a_round_declines_the_rest_of_the_run(tmp_path):
