@@ -68,7 +68,7 @@ def chance_warning(final: dict, latest: dict[str, dict]) -> list[str]:
 
 
 def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_at: dict[str, float], seconds: float,
-                  first_round: int = 1) -> list[str]:
+                  first_round: int = 1, planned_rounds: int = 0) -> list[str]:
     """Final accuracy, each hospital's spend and remaining budget, who ended on budget, where files are.
 
     `seconds` is this process's time, from `first_round` on (after a resume, not the whole run's)."""
@@ -99,11 +99,15 @@ def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_a
         if exhausted:
             named = ", ".join(exhausted[:LISTED_HOSPITALS]) + (f" and {len(exhausted) - LISTED_HOSPITALS} more"
                                                                if len(exhausted) > LISTED_HOSPITALS else "")
-            lines.append(f"Ended on budget (cannot afford another round): {named}")
+            if planned_rounds and len(metrics) >= planned_rounds:  # planned noise ends every hospital here
+                lines.append(f"Budget spent as planned over the {planned_rounds} rounds (no further round affordable): "
+                             f"{named}")
+            else:
+                lines.append(f"Ended on budget (cannot afford another round): {named}")
         if declined_at:
             hospital, needed = min(declined_at.items(), key=lambda item: item[1])
             lines.append(f"  {len(declined_at)} hospital(s) declined; the cheapest, {hospital}, would have reached "
-                         f"epsilon {needed:.3f} > {latest[hospital]['max_epsilon']:g}. The budget left cannot pay for a "
+                         f"epsilon {needed:.6g} > {latest[hospital]['max_epsilon']:g}. The budget left cannot pay for a "
                          "useful round: only the hospital can raise its privacy.max_epsilon (with a fixed "
                          "dp.noise_multiplier, raising it or lowering train.local_epochs also helps).")
     lines.append(f"Run directory: {run.path} (report.md, config.yaml, metrics.jsonl, privacy_ledger.jsonl, "

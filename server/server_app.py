@@ -361,7 +361,7 @@ def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, 
     model.save(run.model)
     run.plot_accuracy()
     for line in summary_lines(run, ledger.latest(), strategy.exhausted(), strategy.declined_at, time.time() - started,
-                              first_round):
+                              first_round, config.rounds):
         print(line, flush=True)
     named = sorted(strategy.failed) + sorted(strategy.rejected)
     if named:

@@ -52,6 +52,8 @@ def test_two_hospitals_two_rounds_write_the_run_directory(first_run):
     for name in ("config.yaml", "metrics.jsonl", "privacy_ledger.jsonl", "model.keras", "accuracy.png", "epsilon.png"):
         assert (run / name).is_file(), name
     assert "Round 1/2" in stdout and "Round 2/2" in stdout and "hospital-1" in stdout
+    # Planned noise spends each budget over the 2 rounds: a finished plan, not a run cut short by its budget.
+    assert "Budget spent as planned over the 2 rounds" in stdout and "Ended on budget" not in stdout
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2]
     assert all(0 <= m["accuracy"] <= 1 and m["loss"] > 0 for m in metrics)
