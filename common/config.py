@@ -364,7 +364,11 @@ def from_run_config(run_config: dict, simulated_hospitals: int = 0) -> Config:
         config = from_dict(json.loads(text))
     else:
         path = Path(str(run_config.get("config-path", "") or "configs/default.yaml"))
-        config = load_config(path if path.is_absolute() else PROJECT_ROOT / path)
+        path = path if path.is_absolute() else PROJECT_ROOT / path
+        if not path.is_file():
+            raise UserError(f"config file not found: {path} (set the run-config key config-path to an existing "
+                            "YAML file of the app)")
+        config = load_config(path)
     for key, value in run_config.items():
         if key in RUN_CONFIG_OWN_KEYS or value == "":
             continue

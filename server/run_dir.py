@@ -38,7 +38,7 @@ class RunDirectory:
             path = Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise UserError(f"run directory {path} already exists and is not empty: choose another --out")
+            raise UserError(f"run directory {path} already exists and is not empty: choose another (simulate.py --out, or the run-config key run-dir)")
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
 

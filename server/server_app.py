@@ -181,7 +181,11 @@ def _status(state: str, rounds: int, strategy: PrivateFedAvg, reason: str, exit_
 def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds and write the run directory; status.json tells how it ended."""
     simulated = simulated_hospitals(grid)  # 0 in a deployment
-    config, run, saved = _open_run(context, simulated)
+    try:
+        config, run, saved = _open_run(context, simulated)
+    except UserError as error:  # a deployment's run config: one line in `flwr log`, no run started
+        print(f"error: {error}", flush=True)
+        return
     run.simulated = bool(simulated)
     close_log = _open_log(run)
     stop = StopFlag(run.stop_request)

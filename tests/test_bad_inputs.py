@@ -134,3 +134,25 @@ def test_first_signal_asks_for_a_stop_at_the_round_boundary_second_stops_now(tmp
     assert not fresh.requested()
     (tmp_path / "STOP").touch()  # the file contract: simulate.py or an operator creates it
     assert fresh.requested()
+
+
+@pytest.mark.parametrize("run_config, words", [
+    ({"rounds": -1}, "'rounds' must be >= 1"),
+    ({"config-path": "configs/no-such.yaml"}, "set the run-config key config-path"),
+    ({"run-dir": "EXISTING"}, "the run-config key run-dir"),
+])
+def test_a_deployments_run_config_mistake_is_one_line_not_a_traceback(tmp_path, capsys, run_config, words):
+    from flwr.app import Context, RecordDict
+
+    from server.server_app import main
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "metrics.jsonl").write_text("{}\n")
+    run_config = {k: str(existing) if v == "EXISTING" else v for k, v in run_config.items()}
+    context = Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    # The config is read before the grid is used: a deployment's grid is never reached.
+    main(grid=object(), context=context)
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("error: ") and words in out and out.count("\n") == 0, out
+    assert (existing / "metrics.jsonl").read_text() == "{}\n"  # nothing lost
