@@ -309,7 +309,7 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
                 reason = "no hospital can afford another round"
                 print(f"Stopping after round {server_round}: {reason}.", flush=True)
                 break
-            if not outcome.trained and (outcome.failed or outcome.rejected):
+            if not outcome.trained and (outcome.failed or outcome.rejected or not strategy.sent_to):
                 reason = f"no hospital could train in round {server_round} (every one failed, was rejected or declined)"
                 print(f"Stopping after round {server_round}: {reason}; details in {run.log}.", flush=True)
                 break
@@ -343,9 +343,10 @@ def _show_plans(grid: Grid, config, run: RunDirectory, strategy: PrivateFedAvg, 
     rounds_left = config.rounds - first_round + 1
     query = ConfigRecord(dict(train_config) | {"planned_rounds": rounds_left})
     plans, failed, names = ask_plans(grid, nodes, query, timeout=config.train.round_timeout)
-    strategy.name_nodes(names)  # a hospital that then fails before it ever trains is named, not numbered
+    # A hospital that then fails before it ever trains is named, not numbered.
+    left_out = strategy.name_nodes(names)
     (run.path / "plan.json").write_text(json.dumps(plans, indent=1, sort_keys=True))
-    for line in plan_lines(plans, rounds_left, failed):
+    for line in plan_lines(plans, rounds_left, failed) + left_out:
         print(line, flush=True)
     print(f"Round {first_round}/{config.rounds} starts: the hospitals compile the DP-SGD step first ...", flush=True)
 

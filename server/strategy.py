@@ -104,30 +104,42 @@ class PrivateFedAvg(FedAvg):
         self.unledgered: dict[str, list[int]] = {}  # hospital -> rounds it was asked but left no record
         self.failed: dict[str, str] = {}  # label -> last failure category
         self.rejected: dict[str, str] = {}  # label -> last rejection reason
+        self.excluded: dict[str, str] = {}  # Flower node id -> why it is not asked to train again this run
 
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict:
         return {name: getattr(self, name) for name in
-                ("can_train", "declined_at", "node_names", "declared", "noise", "unledgered", "failed", "rejected")}
+                ("can_train", "declined_at", "node_names", "declared", "noise", "unledgered", "failed", "rejected",
+                 "excluded")}
 
     def restore(self, state: dict, keep_nodes: bool) -> None:
         """Continue from a checkpoint; node bindings only where node ids survive (deployment)."""
         for name, value in state.items():
-            if name == "node_names" and not keep_nodes:
+            if name in ("node_names", "excluded") and not keep_nodes:
                 continue
             setattr(self, name, value)
 
-    def name_nodes(self, names: dict[int, str]) -> None:
+    def name_nodes(self, names: dict[int, str]) -> list[str]:
         """Bind the names hospitals gave in their privacy plans, as a first reply would.
 
-        A name claimed by two nodes, or already another node's, binds neither: the first
-        training reply settles it as before."""
+        A name claimed by two nodes, or already another node's, binds neither, and those nodes
+        are not asked to train: every update one of them sent would be rejected after its
+        hospital had paid for it. Returns a line for each node left out."""
         claims = Counter(names.values())
+        lines = []
         for node, name in names.items():
             taken = any(bound == name for other, bound in self.node_names.items() if other != str(node))
             if claims[name] == 1 and not taken:
                 self.node_names.setdefault(str(node), name)
+                continue
+            self._exclude(node, f"its hospital-id {name} is also another node's")
+            lines.append(f"  node {node} is not asked to train: its hospital-id {name} is also another node's "
+                         "(give each SuperNode its own hospital-id, then start a new run)")
+        return lines
+
+    def _exclude(self, node: int, reason: str) -> None:
+        self.excluded.setdefault(str(node), reason)
 
     def label(self, node_id: int) -> str:
         return self.node_names.get(str(node_id), f"node {node_id}")
@@ -137,8 +149,9 @@ class PrivateFedAvg(FedAvg):
     def configure_train(self, server_round, arrays, config, grid):
         """Ask every connected node (a share of them with fraction_train); never wait here."""
         self.reference = arrays.to_numpy_ndarrays()
-        nodes = sorted(grid.get_node_ids())
-        self.connected = set(nodes)
+        connected = sorted(grid.get_node_ids())
+        self.connected = set(connected)
+        nodes = [node for node in connected if str(node) not in self.excluded]
         count = max(1, int(len(nodes) * self.fraction_train)) if nodes else 0
         self.sent_to = sorted(np.random.default_rng(server_round).choice(nodes, count, replace=False).tolist()) \
             if count < len(nodes) else nodes
@@ -152,7 +165,7 @@ class PrivateFedAvg(FedAvg):
     def configure_evaluate(self, server_round, arrays, config, grid):
         if self.fraction_evaluate == 0.0:
             return []
-        nodes = sorted(grid.get_node_ids())
+        nodes = [node for node in sorted(grid.get_node_ids()) if str(node) not in self.excluded]
         config["server-round"] = server_round
         return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}),
                                         nodes, MessageType.EVALUATE)
@@ -230,10 +243,13 @@ class PrivateFedAvg(FedAvg):
         name = report.hospital
         bound = self.node_names.get(str(node))
         if bound is not None and bound != name:
-            raise Rejected(f"node {node} is {bound}; it may not reply as another hospital")
+            self._exclude(node, f"it replied as {name} after replying as {bound}")
+            raise Rejected(f"node {node} is {bound}; it may not reply as another hospital (not asked again this run)")
         owner = next((n for n, h in self.node_names.items() if h == name), None)
         if owner is not None and owner != str(node):
-            raise Rejected(f"the name {name} belongs to another node")
+            self._exclude(node, f"its hospital-id {name} belongs to another node")
+            raise Rejected(f"the name {name} belongs to another node (not asked again this run: give each "
+                           "SuperNode its own hospital-id)")
         if name in seen_names:
             raise Rejected(f"a second reply as {name} this round")
         declared = self.declared.get(name)

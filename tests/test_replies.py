@@ -42,6 +42,16 @@ def _reference():
     return [rng.normal(size=(5, 4)).astype(np.float32), np.zeros(4, np.float32)]
 
 
+class _Grid:
+    """The one thing configure_train asks of Flower's grid: which nodes are connected."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
 class Federation:
     """A strategy, its ledger, and honest hospitals whose spend is tracked like their odometers."""
 
@@ -194,6 +204,10 @@ def test_a_new_node_cannot_take_a_bound_name(tmp_path):
         del NODES["hospital-9"]
     assert outcome.trained == ["hospital-2"]
     assert "belongs to another node" in outcome.rejected["node 109"]
+    # Not asked again: each further update of node 109 would be charged on its side and rejected here.
+    asked = fed.strategy.configure_train(3, ArrayRecord(fed.strategy.reference), ConfigRecord({}),
+                                         _Grid(sorted(NODES.values()) + [109]))
+    assert 109 not in [m.metadata.dst_node_id for m in asked] and len(asked) == len(NODES)
 
 
 def test_failures_are_named_with_a_category_and_a_lost_charge_is_ledgered(tmp_path):
@@ -307,15 +321,20 @@ def test_a_charge_lost_before_the_name_was_known_is_ledgered_with_the_prior_spen
 def test_names_from_the_privacy_plans_name_a_hospital_that_fails_before_it_ever_trains(tmp_path):
     fed = Federation(tmp_path)
     # Plans came from every node; 104 and 105 both claimed "hospital-9", so neither is bound.
-    fed.strategy.name_nodes({101: "hospital-0", 102: "hospital-1", 103: "hospital-2", 104: "hospital-9",
-                             105: "hospital-9"})
+    left_out = fed.strategy.name_nodes({101: "hospital-0", 102: "hospital-1", 103: "hospital-2", 104: "hospital-9",
+                                        105: "hospital-9"})
     assert [fed.strategy.label(n) for n in (101, 104, 105)] == ["hospital-0", "node 104", "node 105"]
+    # Neither claimant is asked to train: whichever replied second would pay for a rejected update.
+    assert len(left_out) == 2 and all("hospital-id hospital-9 is also another node's" in line for line in left_out)
+    asked = fed.strategy.configure_train(1, ArrayRecord(fed.strategy.reference), ConfigRecord({}), _Grid([101, 102, 103, 104, 105]))
+    assert sorted(m.metadata.dst_node_id for m in asked) == [101, 102, 103]
+    fed.strategy.reference = _reference()
     fed.spent["hospital-0"].append(PrivacyEvent(SIGMA, sampling_rate_for(32, 320), steps_for(1.0, sampling_rate_for(32, 320))))
     crash = Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason="killed"), reply_to=fed.request("hospital-0"))
     _, outcome = fed.run([crash, fed.honest("hospital-1"), fed.honest("hospital-2")])
     assert outcome.failed == {"hospital-0": "crash"}
     # Bound by its plan as by a first reply: another node may not then take the name.
-    fed.strategy.name_nodes({106: "hospital-1"})
+    assert fed.strategy.name_nodes({106: "hospital-1"})  # left out too
     assert fed.strategy.label(106) == "node 106"
     _, outcome = fed.run([fed.honest(n) for n in NODES])
     assert sorted(outcome.trained) == sorted(NODES), outcome
