@@ -393,6 +393,47 @@ def test_a_charge_missing_from_the_odometer_is_found(tmp_path, clean_records):
     assert result.returncode == 2 and "no such file" in result.stderr
 
 
+def test_a_charge_of_this_run_missing_from_the_ledger_is_found_on_the_odometer(tmp_path, clean_records):
+    from client.odometer import PrivacyOdometer
+    from common.privacy import PrivacyEvent
+
+    odometer = PrivacyOdometer(tmp_path / "a.jsonl", "a", 8.0, DELTA)
+    odometer.charge(PrivacyEvent(1.0, 0.5, 2), run=7, round_number=1, epsilon_after=1.0)  # an earlier run: not ours
+    for record in (r for r in clean_records if r["hospital"] == "a"):
+        event = PrivacyEvent(record["noise_multiplier"], record["sampling_rate"], record["steps"])
+        odometer.charge(event, run=1, round_number=record["round"], epsilon_after=record["epsilon"])
+    # The ledger's last round removed, and every file that would have shown it with it.
+    last = max(r["round"] for r in clean_records)
+    path = run_dir(tmp_path / "run", [r for r in clean_records if r["round"] != last])
+    for name in ("metrics.jsonl", "config.yaml"):
+        (path / name).unlink()
+    report = audit.audit_ledger(audit.read_ledger(path), accountant="pld",
+                                context=audit.read_context(path, [tmp_path / "a.jsonl"]))
+    assert report.discrepancies == [f"round {last}, hospital a: odometer {tmp_path / 'a.jsonl'} holds a charge of "
+                                    "this run (20 steps) that the ledger lacks: the hospital spent more than the "
+                                    "ledger says (resume the run to ledger a cut-short round as lost)"]
+    assert any("config.yaml, metrics.jsonl, status.json not found beside the ledger" in n for n in report.notes)
+    assert run_cli(path, "--odometer", tmp_path / "a.jsonl", "--jobs", "1").returncode == 1
+    # An interrupted run has not ledgered its cut-short round yet: a note, not a discrepancy.
+    (path / "status.json").write_text(json.dumps({"state": "interrupted", "reason": "stopped"}))
+    report = audit.audit_ledger(audit.read_ledger(path), accountant="pld",
+                                context=audit.read_context(path, [tmp_path / "a.jsonl"]))
+    assert report.discrepancies == [] and any("that the ledger lacks" in n for n in report.notes)
+
+
+def test_a_budget_raised_in_the_ledger_is_found_against_the_hospitals_plan(tmp_path, clean_records):
+    path = run_dir(tmp_path / "run", clean_records)
+    plans = {h: {"max-epsilon": r["max_epsilon"], "delta": r["delta"]} for h, r in
+             ((r["hospital"], r) for r in clean_records)}
+    (path / "plan.json").write_text(json.dumps(plans))
+    assert context_findings(path) == []
+    plans["a"]["max-epsilon"] = clean_records[0]["max_epsilon"] / 10  # it said 10x less before round 1
+    (path / "plan.json").write_text(json.dumps(plans))
+    found = context_findings(path)
+    assert any(d.startswith("hospital a: max_epsilon") and "privacy plan it sent before round 1" in d
+               for d in found), found
+
+
 @pytest.mark.parametrize("line, code", [
     ('"steps": 41.0', 1),
     ('"steps": 1' + "0" * 400, 1),

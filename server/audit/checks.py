@@ -326,6 +326,9 @@ def _run_problems(records: list[dict], context: RunContext) -> tuple[list[str], 
     metrics = [m for m in context.metrics or [] if _is_int(m.get("round"))]
     last_round = max(rounds + [m["round"] for m in metrics], default=None)
     config, status = context.config, context.status or {}
+    if context.missing:
+        notes.append(f"{', '.join(context.missing)} not found beside the ledger: not cross-checked (a removed round "
+                     "or hospital shows only against them, or against the hospitals' odometers)")
     if status and status.get("state") != "finished":
         notes.append(f"the run is incomplete: status.json says {status.get('state')!r} "
                      f"({status.get('reason', 'no reason given')}); the ledger covers the rounds that ran")
@@ -367,12 +370,32 @@ def _run_problems(records: list[dict], context: RunContext) -> tuple[list[str], 
                          f"metrics.jsonl averaged {claimed} updates (rejected replies are charged, not averaged)")
 
     budget_problems, budget_notes = _budget_problems(records, config, status.get("simulated"))
-    problems += budget_problems
+    problems += budget_problems + _plan_problems(records, context.plans)
     notes += budget_notes
     for name, lines in context.odometers.items():
         problems += [f"odometer {name}: {p}" for p in odometer_chain_problems(lines)]
-        problems += _odometer_problems(name, records, lines)
+        missing_records, unledgered = _odometer_problems(name, records, lines)
+        problems += missing_records
+        # An interrupted run has not ledgered its last round yet: resuming it does (as lost).
+        (problems if status.get("state") == "finished" or not status else notes).extend(unledgered)
     return problems, notes
+
+
+def _plan_problems(records: list[dict], plans: dict | None) -> list[str]:
+    """Each hospital's ledgered budget against the one it stated in its privacy plan (plan.json)."""
+    problems, seen = [], set()
+    for record in records:
+        hospital = _hospital_key(record.get("hospital"))
+        plan = (plans or {}).get(hospital)
+        if not isinstance(plan, dict):
+            continue
+        for key in ("max_epsilon", "delta"):
+            value, planned = record.get(key), plan.get(key.replace("_", "-"))
+            if _is_number(value) and _is_number(planned) and value != planned and (hospital, key) not in seen:
+                seen.add((hospital, key))
+                problems.append(f"hospital {hospital}: {key} {value!r} in the ledger, {planned!r} in the privacy plan "
+                                "it sent before round 1 (plan.json)")
+    return problems
 
 
 def _budget_problems(records: list[dict], config: dict | None, simulated) -> tuple[list[str], list[str]]:
@@ -399,29 +422,38 @@ def _budget_problems(records: list[dict], config: dict | None, simulated) -> tup
     return problems, notes
 
 
-def _odometer_problems(name: str, records: list[dict], lines: list[dict]) -> list[str]:
-    """Every trained ledger record of a hospital the odometer names must be one of its charges."""
-    available: dict[tuple, int] = {}
+def _odometer_problems(name: str, records: list[dict], lines: list[dict]) -> tuple[list[str], list[str]]:
+    """(ledger charges the odometer lacks, the odometer's charges of this run that the ledger lacks).
+
+    Every charged ledger record of a hospital the odometer names must be one of its charges;
+    the runs those charges belong to are this run, and every other charge of those runs on
+    the odometer must be in the ledger too (a removed last round shows only here)."""
+    unused: dict[tuple, list[dict]] = {}
     for line in lines:
         key = (str(line.get("hospital")), line.get("round"), line.get("noise_multiplier"),
                line.get("sampling_rate"), line.get("steps"))
-        available[key] = available.get(key, 0) + 1
+        unused.setdefault(key, []).append(line)
     named = {str(line.get("hospital")) for line in lines}
     ledger_hospitals = {_hospital_key(r.get("hospital")) for r in records}
     if not named & ledger_hospitals:
         return [f"odometer {name} holds no charge of any hospital in this ledger "
-                f"(it names {', '.join(sorted(named)) or 'none'}): pass the odometer of a hospital in this run"]
-    problems = []
+                f"(it names {', '.join(sorted(named)) or 'none'}): pass the odometer of a hospital in this run"], []
+    problems, runs = [], set()
     for record in records:
         hospital = _hospital_key(record.get("hospital"))
         if hospital not in named or record.get("status") not in CHARGED:
             continue
         key = (hospital, record.get("round"), record.get("noise_multiplier"), record.get("sampling_rate"),
                record.get("steps"))
-        if available.get(key, 0) > 0:
-            available[key] -= 1
+        if unused.get(key):
+            runs.add(str(unused[key].pop(0).get("run")))
         else:
             problems.append(f"round {record.get('round')}, hospital {hospital}: the ledger's charge "
                             f"({record.get('steps')} steps, sigma {record.get('noise_multiplier')}, "
                             f"q {record.get('sampling_rate')}) is not in odometer {name}")
-    return problems
+    unledgered = [f"round {line.get('round')}, hospital {line.get('hospital')}: odometer {name} holds a charge of "
+                  f"this run ({line.get('steps')} steps) that the ledger lacks: the hospital spent more than the "
+                  "ledger says (resume the run to ledger a cut-short round as lost)"
+                  for left in unused.values() for line in left
+                  if str(line.get("run")) in runs and str(line.get("hospital")) in ledger_hospitals]
+    return problems, unledgered

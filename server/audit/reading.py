@@ -24,7 +24,7 @@ SAMPLING = "poisson"          # the only sampling the training code runs
 # and self-composition grows with the step count (1e7 steps: ~6 s).
 MAX_STEPS = 10**7
 MIN_SIGMA = 0.1
-CONFIG_NAME, METRICS_NAME, STATUS_NAME = "config.yaml", "metrics.jsonl", "status.json"
+CONFIG_NAME, METRICS_NAME, STATUS_NAME, PLAN_NAME = "config.yaml", "metrics.jsonl", "status.json", "plan.json"
 
 
 class LedgerError(ValueError):
@@ -172,6 +172,8 @@ class RunContext:
     metrics: list[dict] | None = None  # metrics.jsonl: one record per round
     status: dict | None = None      # status.json: how the run ended
     odometers: dict[str, list[dict]] = field(default_factory=dict)  # --odometer FILE -> its records
+    plans: dict | None = None       # plan.json: each hospital's privacy plan (its budget) before round 1
+    missing: list[str] = field(default_factory=list)  # which of the run's files were not there to compare
 
 
 def _json_lines(path: Path) -> list[dict]:
@@ -216,6 +218,15 @@ def read_context(ledger: str | os.PathLike, odometers: list[str] = ()) -> RunCon
             raise LedgerError(f"{directory / STATUS_NAME}: not readable JSON") from None
         if not isinstance(context.status, dict):
             raise LedgerError(f"{directory / STATUS_NAME}: expected a JSON object")
+    plan = directory / PLAN_NAME
+    if plan.is_file():
+        try:
+            context.plans = json.loads(plan.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            raise LedgerError(f"{plan}: not readable JSON") from None
+        if not isinstance(context.plans, dict):
+            raise LedgerError(f"{plan}: expected a JSON object")
+    context.missing = [name for name in (CONFIG_NAME, METRICS_NAME, STATUS_NAME) if not (directory / name).is_file()]
     for name in odometers:
         path = Path(name)
         if not path.is_file():
