@@ -235,8 +235,14 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     on_bad_image = str(node_config.get("on-bad-image", "refuse"))
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise UserError(f"node config on-bad-image must be \"refuse\" or \"skip\", got {on_bad_image[:20]!r}")
-    dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size, color=config.data.color,
-                           on_bad_image=on_bad_image)
+    try:
+        dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size,
+                               color=config.data.color, on_bad_image=on_bad_image)
+    except UserError as error:  # the data's own messages name the run config's keys; here they are the node's
+        text = str(error)
+        for run_key, node_key in (("data.path", "data-path"), ("data.source", "data-source")):
+            text = text.replace(run_key, f"the node config's {node_key}")
+        raise UserError(text) from None
     train_x, train_y = dataset.train_x, dataset.train_y
     hashes = _hashes(train_x, train_y)
     if dataset.test_x is not None and len(dataset.test_x):

@@ -64,7 +64,8 @@ def chance_warning(final: dict, latest: dict[str, dict]) -> list[str]:
             f"examples; at epsilon {smallest['max_epsilon']:g} its noise (sigma {smallest['noise_multiplier']:.3g} on an "
             f"expected batch of {batch:.0f}, i.e. noise of {smallest['noise_multiplier'] / max(batch, 1):.2f} x the clip "
             "bound on every averaged gradient) drowns what so few examples can teach. Pool data into fewer, larger "
-            "hospitals, add data, or raise privacy.max_epsilon (each hospital's decision)."]
+            "hospitals, add data, or raise the budget (privacy.max_epsilon; a deployed hospital's max-epsilon: each "
+            "hospital's decision)."]
 
 
 def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_at: dict[str, float], seconds: float,
@@ -108,8 +109,9 @@ def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_a
             hospital, needed = min(declined_at.items(), key=lambda item: item[1])
             lines.append(f"  {len(declined_at)} hospital(s) declined; the cheapest, {hospital}, would have reached "
                          f"epsilon {needed:.6g} > {latest[hospital]['max_epsilon']:g}. The budget left cannot pay for a "
-                         "useful round: only the hospital can raise its privacy.max_epsilon (with a fixed "
-                         "dp.noise_multiplier, raising it or lowering train.local_epochs also helps).")
+                         "useful round: only the hospital can raise its budget (privacy.max_epsilon, or a deployed "
+                         "hospital's max-epsilon); with a fixed dp.noise_multiplier, raising it or lowering "
+                         "train.local_epochs also helps.")
     lines.append(f"Run directory: {run.path} (report.md, config.yaml, metrics.jsonl, privacy_ledger.jsonl, "
                  "model.keras, plots)")
     lines.append(f"Audit it: python -m server.audit {run.path}")

@@ -290,6 +290,10 @@ def test_a_misspelt_node_config_key_is_refused_not_read_as_its_default(tmp_path)
     with pytest.raises(UserError, match="unknown key 'evalute': did you mean 'evaluate'"):
         deployment_site(node, load_config(None, []))
     assert deployment_site(_node(tmp_path, "folder", evaluate="false"), load_config(None, [])).evaluate is False
+    # A data mistake names the node config's key, not the run config's.
+    with pytest.raises(UserError, match="check the node config's data-path") as error:
+        deployment_site(_node(tmp_path, "npz", **{"data-path": str(tmp_path / "nope.npz")}), load_config(None, []))
+    assert "data.path" not in str(error.value)
 
 
 @pytest.mark.parametrize("clip", [2.3e-38, 1e-5, 2e38])
