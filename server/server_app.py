@@ -20,6 +20,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import RunNotRunningException
 
 from common.config import from_dict, from_run_config, to_dict
 from common.errors import UserError
@@ -323,9 +324,16 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         run.write_status(_status("failed", completed, strategy, str(error), exit_code=EXIT_BAD_INPUT))
         print(f"error: {error}", flush=True)
         return
-    except Exception as error:  # noqa: BLE001 - recorded, then Flower sees the failure too
-        _record_failure(run, completed, strategy, error)
-        raise
+    except (Exception, RunNotRunningException) as error:  # noqa: BLE001 - recorded, then Flower sees the failure too
+        # `flwr stop` revokes the run's token: Flower signals this process (a stop request) and
+        # its next call to the SuperLink fails. That is the operator's stop, not a crash.
+        if simulated or not (stop.requested() or isinstance(error, RunNotRunningException)):
+            _record_failure(run, completed, strategy, error)
+            raise
+        log.info("the SuperLink ended the run (%s: %s)", type(error).__name__, error)
+        state, reason = "interrupted", (f"stopped during round {completed + 1} (flwr stop); resume with the "
+                                        f"run-config key resume-dir={run.path}")
+        print(f"Stopping: {reason}.", flush=True)
     try:
         _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed,
                 first_round)

@@ -106,5 +106,28 @@ def test_deploy_a_supernode_killed_mid_run_never_hangs_the_run(tmp_path):
         audit = subprocess.run([sys.executable, "-m", "server.audit", str(run_dir)], cwd=REPO, capture_output=True,
                                text=True)
         assert audit.returncode == 0, audit.stdout + audit.stderr
+
+        # The operator stops a second run with `flwr stop`: an interruption to resume, not a crash.
+        stopped_dir, two = tmp_path / "stopped", tmp_path / "two.yaml"
+        two.write_text("rounds: 50\nhospitals: 2\ndata:\n  source: digits\ntrain:\n  fraction_evaluate: 0\n")
+        started = flwr("run", str(REPO), CONNECTION, "--format", "json", "--run-config",
+                       f'run-dir="{stopped_dir}" config-path="{two}"', timeout=120)
+        second = parse_json_output(started.stdout).get("run-id")
+        wait_for(lambda: _checkpointed_round(stopped_dir) >= 1, 420, 1, "round 1 of the second run")
+        flwr("stop", str(second), CONNECTION, timeout=60)
+
+        def state():
+            try:
+                found = json.loads((stopped_dir / "status.json").read_text())
+            except (OSError, ValueError):
+                return None
+            return found if found["state"] != "running" else None
+        status = wait_for(state, 180, 1, "the stopped run's status")
+        assert status["state"] == "interrupted" and status["exit_code"] == 130, status
+        assert "flwr stop" in status["reason"] and f"resume-dir={stopped_dir}" in status["reason"], status
+        assert (stopped_dir / "model.keras").is_file()
+        audit = subprocess.run([sys.executable, "-m", "server.audit", str(stopped_dir), "--odometer",
+                                str(tmp_path / "h1-odometer.jsonl")], cwd=REPO, capture_output=True, text=True)
+        assert audit.returncode == 0, audit.stdout + audit.stderr  # a cut-short round is a note until resumed
     finally:
         deployment.close()

@@ -376,8 +376,11 @@ def _run_problems(records: list[dict], context: RunContext) -> tuple[list[str], 
         problems += [f"odometer {name}: {p}" for p in odometer_chain_problems(lines)]
         missing_records, unledgered = _odometer_problems(name, records, lines)
         problems += missing_records
-        # An interrupted run has not ledgered its last round yet: resuming it does (as lost).
-        (problems if status.get("state") == "finished" or not status else notes).extend(unledgered)
+        for hospital, text in unledgered:
+            # An interrupted run has not ledgered its last round yet (resuming it does, as lost), and a
+            # hospital that failed mid-round could not report the charge it had made.
+            stopped = status.get("state") not in (None, "finished") or hospital in excused
+            (notes if stopped else problems).append(text)
     return problems, notes
 
 
@@ -422,8 +425,9 @@ def _budget_problems(records: list[dict], config: dict | None, simulated) -> tup
     return problems, notes
 
 
-def _odometer_problems(name: str, records: list[dict], lines: list[dict]) -> tuple[list[str], list[str]]:
-    """(ledger charges the odometer lacks, the odometer's charges of this run that the ledger lacks).
+def _odometer_problems(name: str, records: list[dict], lines: list[dict]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(ledger charges the odometer lacks, (hospital, text) for the odometer's charges of this run that
+    the ledger lacks).
 
     Every charged ledger record of a hospital the odometer names must be one of its charges;
     the runs those charges belong to are this run, and every other charge of those runs on
@@ -451,9 +455,10 @@ def _odometer_problems(name: str, records: list[dict], lines: list[dict]) -> tup
             problems.append(f"round {record.get('round')}, hospital {hospital}: the ledger's charge "
                             f"({record.get('steps')} steps, sigma {record.get('noise_multiplier')}, "
                             f"q {record.get('sampling_rate')}) is not in odometer {name}")
-    unledgered = [f"round {line.get('round')}, hospital {line.get('hospital')}: odometer {name} holds a charge of "
-                  f"this run ({line.get('steps')} steps) that the ledger lacks: the hospital spent more than the "
-                  "ledger says (resume the run to ledger a cut-short round as lost)"
+    unledgered = [(str(line.get("hospital")),
+                   f"round {line.get('round')}, hospital {line.get('hospital')}: odometer {name} holds a charge of "
+                   f"this run ({line.get('steps')} steps) that the ledger lacks: the hospital spent more than the "
+                   "ledger says (resume the run to ledger a cut-short round as lost)")
                   for left in unused.values() for line in left
                   if str(line.get("run")) in runs and str(line.get("hospital")) in ledger_hospitals]
     return problems, unledgered
