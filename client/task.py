@@ -288,8 +288,16 @@ def _prepared(config: Config, input_shape, num_classes, weights, settings):
     try:
         model.set_weights(weights)
     except ValueError:
-        raise SettingsError("the coordinator's weights do not fit this hospital's model "
-                            "(their number or shapes differ)") from None
+        # Stays in the hospital's log (only the category leaves): say which shapes, and what sets them.
+        own = [tuple(w.shape) for w in model.get_weights()]
+        sent = [tuple(np.shape(w)) for w in weights]
+        differ = next(((a, b) for a, b in zip(own, sent) if a != b), None)
+        what = (f"{len(sent)} weight arrays for a model of {len(own)}" if differ is None
+                else f"an array of shape {differ[1]} where this model has {differ[0]}")
+        raise SettingsError(f"the coordinator's weights do not fit this hospital's model: it sent {what}. This "
+                            f"hospital's images are {'x'.join(map(str, input_shape))} in {num_classes} classes; the "
+                            "run's data.image_size, data.color and model settings, and its class count, must match "
+                            "them") from None
     return model, engine
 
 

@@ -324,8 +324,13 @@ def test_settings_that_break_the_step_are_refused_before_any_charge(tmp_path, ch
     reply = app(_message("train", content), context)
     assert reply.has_error() and reply.error.reason == "settings"
     assert not (tmp_path / "odometer.jsonl").exists()
-    why = {"past_the_plan": "past the 3 rounds planned", "wrong_weights": "do not fit this hospital's model"}
-    assert why[change] in (tmp_path / "odometer.errors.log").read_text()  # the details stay local
+    why = {"past_the_plan": "past the 3 rounds planned",
+           # which shapes, and what the operator can change
+           "wrong_weights": "do not fit this hospital's model: it sent an array of shape"}
+    log = (tmp_path / "odometer.errors.log").read_text()
+    assert why[change] in log  # the details stay local
+    if change == "wrong_weights":
+        assert "images are 16x16x1 in" in log and "data.image_size" in log, log
 
 
 @pytest.mark.parametrize("settings, why", [
