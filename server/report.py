@@ -75,8 +75,12 @@ def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_a
     `seconds` is this process's time, from `first_round` on (after a resume, not the whole run's)."""
     metrics = run.read_metrics()
     here = sum(1 for m in metrics if m.get("round", 0) >= first_round)
-    lines = ["", f"Finished {len(metrics)} round(s) in {seconds:.1f} s." if here == len(metrics) else
-             f"Finished {len(metrics)} round(s), {here} of them since the resume, in {seconds:.1f} s."]
+    last = max((m.get("round", 0) for m in metrics), default=0)
+    # A deployed round cut short by an interruption is skipped on resume: say where the run ended.
+    done = f"{len(metrics)} round(s)" + (f" (through round {last}; a round cut short is not rerun)"
+                                         if last != len(metrics) else "")
+    lines = ["", f"Finished {done} in {seconds:.1f} s." if here == len(metrics) else
+             f"Finished {done}, {here} of them since the resume, in {seconds:.1f} s."]
     if metrics:
         final = metrics[-1]
         lines.append(f"Final global model: accuracy {final['accuracy']:.3f}"

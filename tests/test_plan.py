@@ -125,3 +125,16 @@ def test_a_hospital_that_declines_a_round_declines_the_rest_of_the_run(tmp_path)
     # Without the memory of its decline, round 2 would have bought a round of near-pure noise.
     fresh = Context(run_id=77, node_id=1, node_config=context.node_config, state=RecordDict(), run_config={})
     assert train(2, fresh)["budget-exhausted"] == 0
+
+
+def test_the_summary_says_where_a_run_with_a_skipped_round_ended(tmp_path):
+    from server.report import summary_lines
+    from server.run_dir import RunDirectory
+
+    run = RunDirectory.create(tmp_path / "run")
+    for number in (1, 3):  # a deployed round 2 was cut short by a stop and is not rerun on resume
+        run.append_metrics({"round": number, "accuracy": 0.5, "loss": 1.0})
+    (line,) = [text for text in summary_lines(run, {}, [], {}, 12.0, first_round=3, planned_rounds=3)
+               if text.startswith("Finished")]
+    assert line == ("Finished 2 round(s) (through round 3; a round cut short is not rerun), 1 of them since the "
+                    "resume, in 12.0 s.")
