@@ -242,11 +242,12 @@ class PrivateFedAvg(FedAvg):
         report = read_privacy(msg.content, self.plan)
         name = report.hospital
         bound = self.node_names.get(str(node))
-        if bound is not None and bound != name:
-            self._exclude(node, f"it replied as {name} after replying as {bound}")
-            raise Rejected(f"node {node} is {bound}; it may not reply as another hospital (not asked again this run)")
+        if bound is not None and bound != name:  # a named node lying: keep asking, keep rejecting, keep naming
+            raise Rejected(f"node {node} is {bound}; it may not reply as another hospital")
         owner = next((n for n, h in self.node_names.items() if h == name), None)
         if owner is not None and owner != str(node):
+            # Most likely two SuperNodes configured with one hospital-id: this one would pay for every
+            # further update and have it rejected, so it is not asked again.
             self._exclude(node, f"its hospital-id {name} belongs to another node")
             raise Rejected(f"the name {name} belongs to another node (not asked again this run: give each "
                            "SuperNode its own hospital-id)")
