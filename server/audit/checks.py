@@ -369,8 +369,8 @@ def _run_problems(records: list[dict], context: RunContext) -> tuple[list[str], 
             notes.append(f"round {metric['round']}: the ledger has {ledger} trained (charged) records but "
                          f"metrics.jsonl averaged {claimed} updates (rejected replies are charged, not averaged)")
 
-    budget_problems, budget_notes = _budget_problems(records, config, status.get("simulated"))
-    problems += budget_problems + _plan_problems(records, context.plans)
+    budget_problems, budget_notes = _budget_problems(records, config, status.get("simulated"), context.plans)
+    problems += budget_problems
     notes += budget_notes
     for name, lines in context.odometers.items():
         problems += [f"odometer {name}: {p}" for p in odometer_chain_problems(lines)]
@@ -384,36 +384,28 @@ def _run_problems(records: list[dict], context: RunContext) -> tuple[list[str], 
     return problems, notes
 
 
-def _plan_problems(records: list[dict], plans: dict | None) -> list[str]:
-    """Each hospital's ledgered budget against the one it stated in its privacy plan (plan.json)."""
-    problems, seen = [], set()
-    for record in records:
-        hospital = _hospital_key(record.get("hospital"))
-        plan = (plans or {}).get(hospital)
-        if not isinstance(plan, dict):
-            continue
-        for key in ("max_epsilon", "delta"):
-            value, planned = record.get(key), plan.get(key.replace("_", "-"))
-            if _is_number(value) and _is_number(planned) and value != planned and (hospital, key) not in seen:
-                seen.add((hospital, key))
-                problems.append(f"hospital {hospital}: {key} {value!r} in the ledger, {planned!r} in the privacy plan "
-                                "it sent before round 1 (plan.json)")
-    return problems
-
-
-def _budget_problems(records: list[dict], config: dict | None, simulated) -> tuple[list[str], list[str]]:
-    """(discrepancies, notes): each hospital's ledgered max_epsilon and delta against config.yaml's privacy.
+def _budget_problems(records: list[dict], config: dict | None, simulated,
+                     plans: dict | None = None) -> tuple[list[str], list[str]]:
+    """(discrepancies, notes): each hospital's ledgered max_epsilon and delta against config.yaml's privacy,
+    and against the privacy plan the hospital sent before round 1 (plan.json).
 
     Simulated hospitals (status.json "simulated": true) take both from config.yaml, so any
     difference is a discrepancy. Deployed hospitals set their own in their node config: a
     budget above the coordinator's is only a note, for the officer who reads config.yaml as
-    the federation's budget. Run directories from before status.json said so get notes."""
+    the federation's budget. Run directories from before status.json said so get notes. A
+    budget other than the hospital's own plan is always a discrepancy."""
     problems, notes = [], []
     seen = set()
     for record in records:
         hospital = _hospital_key(record.get("hospital"))
+        plan = (plans or {}).get(hospital)
         for key in ("max_epsilon", "delta"):
             value, configured = record.get(key), _setting(config, "privacy", key)
+            planned = plan.get(key.replace("_", "-")) if isinstance(plan, dict) else None
+            if _is_number(value) and _is_number(planned) and value != planned and (hospital, key) not in seen:
+                seen.add((hospital, key))
+                problems.append(f"hospital {hospital}: {key} {value!r} in the ledger, {planned!r} in the privacy plan "
+                                "it sent before round 1 (plan.json)")
             if not (_is_number(value) and _is_number(configured)) or value == configured or (hospital, key, value) in seen:
                 continue
             seen.add((hospital, key, value))
