@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.data import Dataset, beyond_machine_share, one_line, short_list, to_uint8
+from common.dataset import Dataset, beyond_machine_share, one_line, short_list, to_uint8
 from common.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")

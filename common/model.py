@@ -8,7 +8,7 @@ the default activation because bounded activations train better under DP-SGD
 """
 import importlib
 
-from common.data import beyond_machine_share
+from common.dataset import beyond_machine_share
 from common.errors import UserError
 from common.tf_setup import keras, tf
 
