@@ -74,9 +74,11 @@ def clip_factors(sq_norm, losses, clip_norm):
 
     C / max(norm, C) does not bound NaN, and weights chosen by a hostile coordinator can make
     one example's loss overflow: that example then counts as zero (norm 0 <= C), so it moves
-    the sum by at most C whatever the weights. Written so a zero gradient gives c_i = 1."""
+    the sum by at most C whatever the weights. Written so a zero gradient gives c_i = 1.
+    Conv2D's norm formula (a sum of products of Gram matrices) can round a true norm of ~0 to
+    a tiny negative square, whose sqrt is NaN: a negative square counts as a norm of 0."""
     finite = tf.math.is_finite(sq_norm) & tf.math.is_finite(losses)
-    safe_sq = tf.where(finite, sq_norm, 0.0)
+    safe_sq = tf.where(finite, tf.maximum(sq_norm, 0.0), 0.0)
     return tf.where(finite, clip_norm / tf.maximum(tf.sqrt(safe_sq), clip_norm), 0.0), finite
 
 
