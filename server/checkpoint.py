@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import numpy as np
 
 from client.odometer import SIMULATION_ODOMETER
 from common.durable import replace_file
+from common.errors import UserError
 from common.privacy import PrivacyEvent, epsilon
 from server.ledger import PrivacyLedger
 
@@ -75,11 +79,59 @@ def started_round(directory: Path) -> int:
 
 
 def load(directory: Path) -> Checkpoint:
-    state = json.loads((directory / "state.json").read_text())
-    with np.load(directory / state["weights"]) as archive:
-        weights = [archive[f"arr_{index}"] for index in range(len(archive.files))]
-    return Checkpoint(int(state["round"]), weights, state["strategy"], state["metrics"],
-                      [int(run) for run in state["flower_runs"]])
+    """The checkpoint in `directory`. A damaged one (truncated, edited) is a UserError naming the
+    file and what is wrong: resuming from it must not start Flower only to fail in the coordinator."""
+    path = directory / "state.json"
+    advice = "restore the run directory from a backup, or start a new run (the odometers keep what was spent)"
+    try:
+        state = json.loads(path.read_text())
+    except OSError as error:
+        raise UserError(f"cannot read the checkpoint {path}: {error.strerror or error}") from None
+    except ValueError as error:  # truncated or not UTF-8 / JSON
+        raise UserError(f"the checkpoint {path} is damaged (not whole JSON: {error}); {advice}") from None
+    problem = _state_problem(state)
+    if problem:
+        raise UserError(f"the checkpoint {path} is damaged ({problem}); {advice}")
+    weights_path = directory / state["weights"]
+    try:
+        with np.load(weights_path, allow_pickle=False) as archive:
+            weights = [archive[f"arr_{index}"] for index in range(len(archive.files))]
+    except FileNotFoundError:
+        raise UserError(f"the checkpoint {path} names {weights_path.name}, which is missing; {advice}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        # np.load of a cut-short .npz: BadZipFile; of an empty one: EOFError; of other bytes: ValueError
+        raise UserError(f"the checkpoint's weights {weights_path} are damaged ({type(error).__name__}: {error}); "
+                        f"{advice}") from None
+    if not weights or not all(np.issubdtype(w.dtype, np.number) and np.isfinite(w).all() for w in weights):
+        raise UserError(f"the checkpoint's weights {weights_path} are damaged (no arrays, or values that are not "
+                        f"finite numbers); {advice}")
+    return Checkpoint(state["round"], weights, state["strategy"], state["metrics"], state["flower_runs"])
+
+
+def _state_problem(state) -> str | None:
+    """What is wrong with state.json's content (None if it is what save() writes)."""
+    def whole(value, least=0):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    missing = [key for key in ("format", "round", "weights", "strategy", "metrics", "flower_runs") if key not in state]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if state["format"] != FORMAT:
+        return f"format {state['format']!r}, not {FORMAT}"
+    if not whole(state["round"]):
+        return f"round {state['round']!r} is not a whole number >= 0"
+    if not (isinstance(state["weights"], str) and re.fullmatch(r"weights-\d+\.npz", state["weights"])):
+        return f"weights {state['weights']!r} is not a weights-<round>.npz file name"  # never a path elsewhere
+    if not isinstance(state["strategy"], dict):
+        return "strategy is not a JSON object"
+    if not (isinstance(state["metrics"], list)
+            and all(isinstance(m, dict) and whole(m.get("round"), 1) for m in state["metrics"])):
+        return "metrics is not a list of per-round records"
+    if not (isinstance(state["flower_runs"], list) and all(whole(run) for run in state["flower_runs"])):
+        return "flower_runs is not a list of Flower run ids"
+    return None
 
 
 def ledger_lost_charges(ledger: PrivacyLedger, odometer_dir: Path, flower_runs: list[int]) -> list[dict]:

@@ -84,6 +84,12 @@ def prepare(args):
             raise UserError(f"--resume {out}: not a run directory (no config.yaml in it); pass the run's directory")
         if args.out and Path(args.out).expanduser().resolve() != out:
             raise UserError("--resume continues the given run directory: leave out --out")
+        from server import checkpoint
+        from server.run_dir import RunDirectory
+
+        # The coordinator loads it again inside Flower; a damaged one is one line here instead,
+        # before Flower starts and before anything (status.json) is rewritten.
+        checkpoint.load(RunDirectory.resume(out).checkpoint)
         config = load_config(args.config or out / "config.yaml", args.overrides)
     else:
         config = load_config(args.config or default_config_path(), args.overrides)
@@ -201,6 +207,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("interrupted before the run started: nothing was written", file=sys.stderr)
         return 130
     print(f"Simulating {config.hospitals} hospitals for up to {config.rounds} rounds "
           f"(DP-SGD: noise multiplier {config.dp.noise_multiplier}, clip {config.dp.l2_norm_clip}, "
@@ -247,9 +254,19 @@ def main(argv=None) -> int:
                   f"say more; --resume {out} continues from the last checkpoint")
         _mark_failed(out, reason)
         print(f"error: {reason}", file=sys.stderr)
-    elif simulation.stop_requests:
-        print("interrupted: the run directory and odometers keep what was written", file=sys.stderr)
+    elif code == 130:
+        print(f"interrupted: {_resume_hint(out)}", file=sys.stderr)
     return code
+
+
+def _resume_hint(out: Path) -> str:
+    """How far an interrupted run got and how to continue it (only a checkpointed round can be resumed)."""
+    try:
+        done = json.loads((out / "checkpoint" / "state.json").read_text())["round"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no round was checkpointed, so there is nothing to resume; {out} keeps what was written"
+    return (f"stopped after round {done}; the run directory and odometers keep what was written; "
+            f"continue with: python simulate.py --resume {out}")
 
 
 if __name__ == "__main__":
