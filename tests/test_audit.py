@@ -209,15 +209,12 @@ def test_malformed_line_exits_2_with_one_line(tmp_path, good_records):
     assert len(lines) == 1 and f"line {len(good_records) + 1}" in lines[0] and str(path) in lines[0]
 
 
-def test_missing_field_and_missing_prior_events_exit_2(tmp_path, good_records, capsys):
+def test_missing_field_exits_2(tmp_path, good_records, capsys):
+    # A first record without prior_events is a tampered ledger, exit 1: tests/test_audit_tamper.py.
     records = copy.deepcopy(good_records)
     del records[4]["steps"]
     assert audit.main([str(save(tmp_path / "a.jsonl", records))]) == 2
     assert "line 5: missing field(s) steps" in capsys.readouterr().err
-    records = copy.deepcopy(good_records)
-    del records[1]["prior_events"]
-    assert audit.main([str(save(tmp_path / "b.jsonl", records))]) == 2
-    assert "first record of hospital 'b' has no prior_events" in capsys.readouterr().err
 
 
 def test_missing_file_exits_2(tmp_path):

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from server.audit.accounting import History, _compute_all, _dp_accounting_version, reference_epsilons
 from server.audit.reading import (CHARGED, MAX_STEPS, RunContext, _hospital_key, _is_int, _is_number, _mechanism_problems,
-                                  _missing, _record_problems, _valid_delta, odometer_chain_problems)
+                                  _missing, _record_problems, _short, _valid_delta, odometer_chain_problems)
 
 ACCOUNTANTS = ("pld", "rdp", "both")
 REL_TOL = 1e-6                # reported vs recomputed epsilon, relative
@@ -123,7 +123,9 @@ def audit_ledger(records: list[dict], accountant: str = "both", jobs: int = 1,
     found: list[tuple[int, int, str]] = []  # (row index, order found, message): numbered by row at the end
 
     def flag(row: AuditRow, message: str) -> None:
-        found.append((position[id(row)], len(found), f"round {row.round}, hospital {row.hospital}: {message}"))
+        shown = _short(row.round) if _is_int(row.round) else row.round  # a 400-digit round, cut short
+        name = row.hospital or '""'  # a blanked name still shows where it is
+        found.append((position[id(row)], len(found), f"round {shown}, hospital {name}: {message}"))
 
     for record in records:
         hospital = _hospital_key(record.get("hospital"))
@@ -321,7 +323,7 @@ def _count(value) -> int:
 
 def _run_problems(records: list[dict], context: RunContext) -> tuple[list[str], list[str]]:
     """(discrepancies, notes) about the run as a whole: missing records, metrics, odometers."""
-    problems, notes = [], []
+    problems, notes = _examples_problems(records), []
     rounds = [r["round"] for r in records if _is_int(r.get("round"))]
     metrics = [m for m in context.metrics or [] if _is_int(m.get("round"))]
     last_round = max(rounds + [m["round"] for m in metrics], default=None)
@@ -382,6 +384,23 @@ def _run_problems(records: list[dict], context: RunContext) -> tuple[list[str], 
             stopped = status.get("state") not in (None, "finished") or hospital in excused
             (notes if stopped else problems).append(text)
     return problems, notes
+
+
+def _examples_problems(records: list[dict]) -> list[str]:
+    """A hospital whose num_examples changes within the run: its training set is fixed for a run
+    (the split is the hospital's), and q = batch / n and the guarantee's unit depend on n."""
+    problems, seen = [], {}  # hospital -> (num_examples, round) of its latest record
+    for record in records:
+        hospital, n, number = _hospital_key(record.get("hospital")), record.get("num_examples"), record.get("round")
+        if not _is_int(n):
+            continue  # already a discrepancy of its record
+        if hospital in seen and n != seen[hospital][0]:
+            was, since = seen[hospital]
+            problems.append(f"hospital {hospital}: num_examples changed from {_short(was)} (round {_short(since)}) "
+                            f"to {_short(n)} (round {_short(number)}); a hospital's training set is fixed within a "
+                            "run: a record was edited, or the hospital's data changed mid-run")
+        seen[hospital] = (n, number)
+    return problems
 
 
 def _budget_problems(records: list[dict], config: dict | None, simulated,

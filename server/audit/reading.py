@@ -24,6 +24,14 @@ SAMPLING = "poisson"          # the only sampling the training code runs
 # and self-composition grows with the step count (1e7 steps: ~6 s).
 MAX_STEPS = 10**7
 MIN_SIGMA = 0.1
+# Sane ranges for the other numbers, far beyond any real run, so that a tampered figure (a
+# round of 10**400, a sigma of 1e300 that overflows the accountant) is named, not passed on.
+MAX_ROUND = 10**6
+MAX_EXAMPLES = 10**9          # per hospital; with a batch of at least 1, q >= 1 / MAX_EXAMPLES
+MIN_SAMPLING_RATE = 1 / MAX_EXAMPLES
+MAX_SIGMA = 1e6               # epsilon is already ~0 far below this
+MAX_EPSILON = 1e6             # a finite epsilon or budget beyond this protects no one (inf: no noise)
+MIN_DELTA = 1e-30
 CONFIG_NAME, METRICS_NAME, STATUS_NAME, PLAN_NAME = "config.yaml", "metrics.jsonl", "status.json", "plan.json"
 
 
@@ -49,7 +57,7 @@ def read_ledger(path: str | os.PathLike) -> list[dict]:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise LedgerError(f"{file}: cannot read ({err}); check the file's permissions and that it is UTF-8 JSON Lines") from None
-    records, seen = [], set()
+    records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -63,11 +71,11 @@ def read_ledger(path: str | os.PathLike) -> list[dict]:
                               "this is not a ledger record the training code writes") from None
         if not isinstance(record, dict):
             raise LedgerError(f"{file} line {number}: expected a JSON object, got {type(record).__name__}")
-        first = _hospital_key(record.get("hospital")) not in seen
-        problem = _missing(record, first)
+        # Only what makes a line no ledger record at all. A first record without prior_events, or
+        # a record without a hospital, is a tampered ledger: audit_ledger reports it (exit 1).
+        problem = _structure(record)
         if problem:
             raise LedgerError(f"{file} line {number}: {problem}")
-        seen.add(_hospital_key(record["hospital"]))
         records.append(record)
     if not records:
         raise LedgerError(f"{file}: the ledger has no records; point at the ledger of a run that trained at least one round")
@@ -80,13 +88,27 @@ def _hospital_key(hospital) -> str:
 
 
 def _missing(record: dict, first: bool) -> str | None:
-    """Why a record lacks required structure, or None."""
+    """Why a record cannot be recomputed as its hospital's (first) record, or None."""
+    problem = _structure(record)
+    if problem:
+        return problem
+    hospital = record["hospital"]
+    if not (isinstance(hospital, str) and hospital):
+        # Checked before prior_events: a record whose name was blanked would otherwise be
+        # reported as some hospital's first record lacking its earlier spend.
+        return f"hospital {_short(hospital)} must be a non-empty string: no hospital's spend can be counted here"
+    if first and "prior_events" not in record:
+        # The training code writes prior_events on every hospital's first record.
+        return (f"{hospital}'s first record (round {_short(record['round'])}) has no prior_events: "
+                "records were removed or reordered (or an earlier record's hospital was changed)")
+    return None
+
+
+def _structure(record: dict) -> str | None:
+    """Why a record lacks the structure every ledger line has (fields, prior_events' shape), or None."""
     absent = [name for name in RECORD_FIELDS if name not in record]
     if absent:
         return f"missing field(s) {', '.join(absent)}; every record needs {', '.join(RECORD_FIELDS)}"
-    if first and "prior_events" not in record:
-        return (f"first record of hospital {record['hospital']!r} has no prior_events; "
-                "write \"prior_events\": [] when there was no earlier spend")
     events = record.get("prior_events", [])
     if not isinstance(events, list):
         return "prior_events must be a list of {noise_multiplier, sampling_rate, steps, sampling}"
@@ -114,9 +136,13 @@ def _mechanism_problems(event: dict) -> list[str]:
     problems = []
     sigma, q, steps = event.get("noise_multiplier"), event.get("sampling_rate"), event.get("steps")
     if not (_is_number(sigma) and math.isfinite(sigma) and sigma >= 0):
-        problems.append(f"noise_multiplier {sigma!r} must be a finite number >= 0")
+        problems.append(f"noise_multiplier {_short(sigma)} must be a finite number >= 0")
+    elif sigma > MAX_SIGMA:
+        problems.append(f"noise_multiplier {sigma!r} is above {MAX_SIGMA:g}: no run uses such noise")
     if not (_is_number(q) and 0 < q <= 1):
-        problems.append(f"sampling_rate {q!r} must be a number in (0, 1]")
+        problems.append(f"sampling_rate {_short(q)} must be a number in (0, 1]")
+    elif q < MIN_SAMPLING_RATE:
+        problems.append(f"sampling_rate {q!r} is below {MIN_SAMPLING_RATE:g} (one example in {MAX_EXAMPLES:.0e})")
     if not (_is_int(steps) and steps >= 0):
         problems.append(f"steps {_short(steps)} must be an integer >= 0")
     elif steps > MAX_STEPS:
@@ -133,22 +159,26 @@ def _mechanism_problems(event: dict) -> list[str]:
 def _record_problems(record: dict) -> list[str]:
     """Type and range problems of a record's other fields."""
     problems = []
-    if not _is_int(record["round"]):
-        problems.append(f"round {record['round']!r} must be an integer")
+    if not (_is_int(record["round"]) and 1 <= record["round"] <= MAX_ROUND):
+        problems.append(f"round {_short(record['round'])} must be an integer from 1 to {MAX_ROUND:.0e}")
     if not (isinstance(record["hospital"], str) and record["hospital"]):
-        problems.append(f"hospital {record['hospital']!r} must be a non-empty string")
+        problems.append(f"hospital {_short(record['hospital'])} must be a non-empty string")
     if record["status"] not in STATUSES:
-        problems.append(f"status {record['status']!r} must be one of {', '.join(STATUSES)}")
-    if not (_is_number(record["epsilon"]) and record["epsilon"] >= 0):
-        problems.append(f"epsilon {record['epsilon']!r} must be a number >= 0")
-    if not _valid_delta(record["delta"]):
-        problems.append(f"delta {record['delta']!r} must be a number in (0, 1)")
-    if not (_is_number(record["max_epsilon"]) and record["max_epsilon"] > 0):
-        problems.append(f"max_epsilon {record['max_epsilon']!r} must be a number > 0")
+        problems.append(f"status {_short(record['status'])} must be one of {', '.join(STATUSES)}")
+    epsilon = record["epsilon"]
+    if not (_is_number(epsilon) and 0 <= epsilon and (epsilon <= MAX_EPSILON or math.isinf(epsilon))):
+        problems.append(f"epsilon {_short(epsilon)} must be a number from 0 to {MAX_EPSILON:.0e} (or inf: no noise)")
+    delta = record["delta"]
+    if not (_is_number(delta) and 0 < delta < 1):
+        problems.append(f"delta {_short(delta)} must be a number in (0, 1)")
+    elif delta < MIN_DELTA:
+        problems.append(f"delta {delta!r} is below {MIN_DELTA:g}: no setting a run uses")
+    if not (_is_number(record["max_epsilon"]) and 0 < record["max_epsilon"] <= MAX_EPSILON):
+        problems.append(f"max_epsilon {_short(record['max_epsilon'])} must be a number in (0, {MAX_EPSILON:.0e}]")
     if record["accountant"] != "pld":
-        problems.append(f"accountant {record['accountant']!r}: the canonical figure is 'pld'")
-    if not (_is_int(record["num_examples"]) and record["num_examples"] >= 0):
-        problems.append(f"num_examples {record['num_examples']!r} must be an integer >= 0")
+        problems.append(f"accountant {_short(record['accountant'])}: the canonical figure is 'pld'")
+    if not (_is_int(record["num_examples"]) and 0 <= record["num_examples"] <= MAX_EXAMPLES):
+        problems.append(f"num_examples {_short(record['num_examples'])} must be an integer from 0 to {MAX_EXAMPLES:.0e}")
     return problems
 
 
@@ -159,7 +189,7 @@ def _short(value) -> str:
 
 
 def _valid_delta(delta) -> bool:
-    return _is_number(delta) and 0 < delta < 1
+    return _is_number(delta) and MIN_DELTA <= delta < 1
 
 
 # --------------------------------------------------------------------------- the run's other files
