@@ -138,7 +138,11 @@ class PrivacyOdometer:
                 if not isinstance(record, dict):
                     raise ValueError
                 PrivacyEvent.from_dict(record)
-            except (ValueError, KeyError, TypeError, RecursionError):
+                # json reads NaN and Infinity: such a charge would crash or fool the accountant.
+                numbers = [v for v in record.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                if not all(np.isfinite(float(v)) for v in numbers):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError, RecursionError, OverflowError):  # Overflow: int(inf), float(10**400)
                 raise bad from None
             if "seq" in record:  # chained record
                 if record["seq"] != seq + 1 or record.get("prev") != previous:
