@@ -45,10 +45,13 @@ class PreparationChanged(UserError):
 
 
 def hospital_split(hashes: list[str], path: str | Path, fraction: float, seed: str,
-                   prepared: dict) -> tuple[np.ndarray, np.ndarray]:
+                   prepared: dict, groups=None) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, eval indices) of the examples with `hashes`, stored in/reused from `path`.
 
-    `prepared` says how the images were loaded (image size, colour); it must match the file's."""
+    `prepared` says how the images were loaded (image size, colour); it must match the file's.
+    `groups` (one id per example: identical images, one patient's images; common/duplicates.py)
+    keeps a group on one side: a new example joins the side of a known member of its group,
+    and a wholly new group is placed by the smallest example hash among its members."""
     path = Path(path)
     stored = _read(path)
     if stored is None:
@@ -73,9 +76,18 @@ def hospital_split(hashes: list[str], path: str | Path, fraction: float, seed: s
                     "training and evaluation, and new examples are placed with the stored settings",
                     path, stored["eval_fraction"])
     evaluation, training = set(stored["eval"]), set(stored["train"])
-    new = [h for h in dict.fromkeys(hashes) if h not in evaluation and h not in training]
-    for h in new:
-        (evaluation if _is_eval(h, stored["split_seed"], stored["eval_fraction"]) else training).add(h)
+    groups = list(hashes) if groups is None else [int(g) for g in groups]
+    side: dict = {}  # group -> True (evaluation) / False (training), from members already placed
+    key: dict = {}  # group -> the smallest hash among its members: what places a new group
+    for h, g in zip(hashes, groups):
+        if h in evaluation or h in training:
+            side.setdefault(g, h in evaluation)
+        key[g] = min(key.get(g, h), h)
+    new = [(h, g) for h, g in dict.fromkeys(zip(hashes, groups)) if h not in evaluation and h not in training]
+    for h, g in new:
+        if g not in side:
+            side[g] = _is_eval(key[g], stored["split_seed"], stored["eval_fraction"])
+        (evaluation if side[g] else training).add(h)
     if new:
         stored["eval"], stored["train"] = sorted(evaluation), sorted(training)
         _write(path, stored)

@@ -237,7 +237,8 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
         raise UserError(f"node config on-bad-image must be \"refuse\" or \"skip\", got {on_bad_image[:20]!r}")
     try:
         dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size,
-                               color=config.data.color, on_bad_image=on_bad_image)
+                               color=config.data.color, on_bad_image=on_bad_image,
+                               duplicates=config.data.duplicates)
     except UserError as error:  # the data's own messages name the run config's keys; here they are the node's
         text = str(error)
         for run_key, node_key in (("data.path", "data-path"), ("data.source", "data-source")):
@@ -253,7 +254,7 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
         seed = str(node_config.get("split-seed", fingerprint(hashes)))
         prepared = {"image_size": config.data.image_size} | ({"color": config.data.color} if source == "folder" else {})
         train_idx, eval_idx = hospital_split(hashes, odometer_path.with_name(odometer_path.name + ".split.json"),
-                                             eval_fraction, seed, prepared)
+                                             eval_fraction, seed, prepared, groups=dataset.train_groups)
         train_x, train_y, eval_x, eval_y = train_x[train_idx], train_y[train_idx], train_x[eval_idx], train_y[eval_idx]
         hashes = [hashes[i] for i in train_idx]
     if len(train_y) == 0:

@@ -43,6 +43,9 @@ class DataConfig:
     local_eval_fraction: float = 0.1  # each hospital's local held-out split for federated evaluation
     on_bad_image: str = "refuse"  # refuse | skip (and count) unreadable images
     color: str = "gray"  # folders: gray (one channel) | rgb (keeps colour: stains, fundus, skin)
+    # Exact duplicate images (common/duplicates.py): group keeps each set of identical images in one
+    # hospital and on one side of every split; drop keeps only its first image.
+    duplicates: str = "group"
 
 
 @dataclass
@@ -84,7 +87,10 @@ class DPConfig:
 class PrivacyConfig:
     max_epsilon: float = 3.0  # each hospital's own budget; a round that would pass it is declined
     delta: float = 1e-5  # target delta of the (epsilon, delta) guarantee
-    odometer_dir: str = "odometer"  # where simulated hospitals keep their privacy record; relative = to the project root
+    # Where simulated hospitals keep their privacy record: "" = the per-user data directory
+    # (default_odometer_dir(), never inside the installation); a relative path is taken from the
+    # directory the run starts in.
+    odometer_dir: str = ""
 
 
 @dataclass
@@ -109,6 +115,7 @@ CHOICES = {
     "data.source": ("digits", "npz", "folder"),
     "data.partition": ("iid", "dirichlet", "quantity"),
     "data.on_bad_image": ("refuse", "skip"),
+    "data.duplicates": ("group", "drop"),
     "data.color": ("gray", "rgb"),
     "model.activation": ("tanh", "relu", "elu", "sigmoid"),
     "model.normalization": ("none", "group"),
@@ -260,11 +267,19 @@ def validate(config: Config) -> Config:
         raise UserError(
             f"config key 'data.path' lists {len(config.data.path)} paths but hospitals={config.hospitals}: give one path per hospital"
         )
-    # Odometers must not depend on the directory the user runs from: a relative path is
-    # relative to the project root, and the resolved (absolute) path is what config.yaml shows.
-    odometer_dir = Path(config.privacy.odometer_dir or "odometer").expanduser()
-    config.privacy.odometer_dir = str(odometer_dir if odometer_dir.is_absolute() else PROJECT_ROOT / odometer_dir)
+    # The default odometer must survive a rebuilt environment or a reinstall: it lives in the
+    # user's data directory, not beside the code. The resolved (absolute) path is what config.yaml shows.
+    odometer_dir = Path(config.privacy.odometer_dir).expanduser() if config.privacy.odometer_dir else default_odometer_dir()
+    config.privacy.odometer_dir = str(odometer_dir.absolute())
     return config
+
+
+def default_odometer_dir() -> Path:
+    """The simulations' default odometer: `<user data dir>/hospital-fl/odometer` (on Linux
+    ~/.local/share/hospital-fl/odometer, or under $XDG_DATA_HOME), whatever the installation."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("hospital-fl", appauthor=False)) / "odometer"
 
 
 def flatten(config: Config) -> dict:

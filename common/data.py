@@ -27,6 +27,7 @@ import numpy as np
 
 from common.dataset import Dataset, short_list
 from common.digits import load_digits
+from common.duplicates import POLICIES as DUPLICATE_POLICIES, grouped
 from common.errors import UserError
 from common.image_folder import load_folder
 from common.npz import load_npz
@@ -36,9 +37,15 @@ BAD_IMAGE_POLICIES = ("refuse", "skip")
 
 
 def load_dataset(source: str, path: str = "", *, image_size: int = 0,
-                 on_bad_image: str = "refuse", color: str = "gray") -> Dataset:
-    """Load `source` ("digits", "npz" or "folder") from `path`; see the module docstring."""
+                 on_bad_image: str = "refuse", color: str = "gray", duplicates: str = "group") -> Dataset:
+    """Load `source` from `path`, duplicates handled by `duplicates` (common/duplicates.py); see the module docstring."""
     _check_options(source, image_size, on_bad_image)
+    if duplicates not in DUPLICATE_POLICIES:
+        raise UserError(f"data.duplicates is {duplicates!r}; use 'group' (keep identical images together) or 'drop'")
+    return grouped(_load_source(source, path, image_size, on_bad_image, color), duplicates)
+
+
+def _load_source(source, path, image_size, on_bad_image, color) -> Dataset:
     if source == "digits":
         return load_digits(image_size)
     root = _existing_path(path, want_dir=(source == "folder"))
@@ -48,7 +55,7 @@ def load_dataset(source: str, path: str = "", *, image_size: int = 0,
 
 
 def load_hospital_paths(source: str, paths: list[str], *, image_size: int = 0,
-                        on_bad_image: str = "refuse", color: str = "gray") -> list[Dataset]:
+                        on_bad_image: str = "refuse", color: str = "gray", duplicates: str = "group") -> list[Dataset]:
     """Load one file or folder per hospital and check they describe the same task.
 
     All hospitals must agree on the input shape (set `image_size` to resize them to one
@@ -57,8 +64,8 @@ def load_hospital_paths(source: str, paths: list[str], *, image_size: int = 0,
     """
     if not paths:
         raise UserError("data.paths is empty: give one data file or folder per hospital")
-    datasets = [load_dataset(source, p, image_size=image_size, on_bad_image=on_bad_image, color=color)
-                for p in paths]
+    datasets = [load_dataset(source, p, image_size=image_size, on_bad_image=on_bad_image, color=color,
+                             duplicates=duplicates) for p in paths]
     first, ref = paths[0], datasets[0]
     for p, ds in zip(paths[1:], datasets[1:]):
         if ds.input_shape != ref.input_shape:

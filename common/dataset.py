@@ -44,6 +44,11 @@ class Dataset:
     # the image). Images of one patient always stay on one side of every split and in one hospital.
     train_patients: np.ndarray | None = None  # (N,) str
     test_patients: np.ndarray | None = None  # (M,) str
+    # Set by common/duplicates.py at load time: the group of each training image (identical images and
+    # one patient's images share one; splits keep groups whole), and its set of identical images
+    # (-1 when it has no copy; None when there are no such sets).
+    train_groups: np.ndarray | None = None  # (N,) int64
+    identical_sets: np.ndarray | None = None  # (N,) int64
 
     def __repr__(self):
         # A summary: the default repr would print every pixel into the run log.

@@ -15,6 +15,7 @@ import numpy as np
 
 from common.config import Config, from_dict, to_dict
 from common.data import Dataset, load_dataset, load_hospital_paths
+from common.duplicates import across_hospitals, sets_within, subset
 from common.partition import check_shards, holdout_split, partition, split_test
 
 
@@ -27,6 +28,7 @@ class Shard:
     train_y: np.ndarray
     eval_x: np.ndarray
     eval_y: np.ndarray
+    identical_sets: int = 0  # sets of identical images it holds (each set whole, common/duplicates.py)
 
 
 @dataclass
@@ -51,17 +53,19 @@ def hospital_name(index: int) -> str:
 
 
 def _central_split(dataset: Dataset, config: Config, seed: int):
-    """(train_x, train_y, test_x, test_y): the source's own test split, or a held-out fraction."""
+    """(the training part as a Dataset, test_x, test_y): the source's own test split, or a held-out fraction."""
     if dataset.test_x is not None and len(dataset.test_x):
-        return dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y
-    train_idx, test_idx = split_test(len(dataset.train_y), config.data.test_fraction, seed=seed)
-    return (dataset.train_x[train_idx], dataset.train_y[train_idx],
-            dataset.train_x[test_idx], dataset.train_y[test_idx])
+        return dataset, dataset.test_x, dataset.test_y
+    train_idx, test_idx = split_test(len(dataset.train_y), config.data.test_fraction, seed=seed,
+                                     groups=dataset.train_groups)
+    return subset(dataset, train_idx), dataset.train_x[test_idx], dataset.train_y[test_idx]
 
 
-def _shard(name, x, y, fraction, seed) -> Shard:
-    train_idx, eval_idx = holdout_split(np.arange(len(y)), fraction, seed=seed)
-    return Shard(name, x[train_idx], y[train_idx], x[eval_idx], y[eval_idx])
+def _shard(name, own: Dataset, fraction, seed) -> Shard:
+    train_idx, eval_idx = holdout_split(np.arange(len(own.train_y)), fraction, seed=seed, groups=own.train_groups)
+    x, y = own.train_x, own.train_y
+    return Shard(name, x[train_idx], y[train_idx], x[eval_idx], y[eval_idx],
+                 sets_within(own.identical_sets, np.arange(len(y))))
 
 
 def _pool_and_test(dataset: Dataset, config: Config):
@@ -69,7 +73,7 @@ def _pool_and_test(dataset: Dataset, config: Config):
     or None when the source's own test split is the central one)."""
     if dataset.test_x is not None and len(dataset.test_x):
         return np.arange(len(dataset.train_y)), None
-    return split_test(len(dataset.train_y), config.data.test_fraction, seed=config.seed)
+    return split_test(len(dataset.train_y), config.data.test_fraction, seed=config.seed, groups=dataset.train_groups)
 
 
 def _test_set(dataset: Dataset, test) -> tuple[np.ndarray, np.ndarray]:
@@ -88,13 +92,22 @@ def _hospital_indices(dataset: Dataset, config: Config):
     """
     data = config.data
     pool, test = _pool_and_test(dataset, config)
-    parts = partition(dataset.train_y[pool], config.hospitals, data.partition, alpha=data.alpha, seed=config.seed)
+    groups = dataset.train_groups
+    parts = partition(dataset.train_y[pool], config.hospitals, data.partition, alpha=data.alpha, seed=config.seed,
+                      groups=None if groups is None else groups[pool])
     hospitals = []
     for index, idx in enumerate(parts):
         own = pool[idx]
-        train, held = holdout_split(np.arange(len(own)), data.local_eval_fraction, seed=config.seed + index)
+        train, held = holdout_split(np.arange(len(own)), data.local_eval_fraction, seed=config.seed + index,
+                                    groups=None if groups is None else groups[own])
         hospitals.append((own[train], own[held]))
     return test, hospitals
+
+
+def _load(config: Config) -> Dataset:
+    data = config.data
+    return load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image,
+                        color=data.color, duplicates=data.duplicates)
 
 
 def build_federation(config: Config) -> Federation:
@@ -102,23 +115,27 @@ def build_federation(config: Config) -> Federation:
     data = config.data
     names = [hospital_name(i) for i in range(config.hospitals)]
     if isinstance(data.path, list):  # one file or folder per hospital
-        datasets = load_hospital_paths(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image,
-                                       color=data.color)
+        datasets = across_hospitals(load_hospital_paths(data.source, data.path, image_size=data.image_size,
+                                                        on_bad_image=data.on_bad_image, color=data.color,
+                                                        duplicates=data.duplicates), names)
         shards, tests_x, tests_y = [], [], []
         for index, (name, own) in enumerate(zip(names, datasets)):
-            train_x, train_y, test_x, test_y = _central_split(own, config, config.seed + index)
-            shards.append(_shard(name, train_x, train_y, data.local_eval_fraction, config.seed + index))
+            train, test_x, test_y = _central_split(own, config, config.seed + index)
+            shards.append(_shard(name, train, data.local_eval_fraction, config.seed + index))
             tests_x.append(test_x)
             tests_y.append(test_y)
-        federation = Federation(_without_training_images(datasets[0]), np.concatenate(tests_x),
+        notes = [note for own in datasets for note in own.notes]
+        federation = Federation(dataclasses.replace(_without_training_images(datasets[0]), notes=notes),
+                                np.concatenate(tests_x),
                                 np.concatenate(tests_y), shards)
     else:
-        dataset = load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image,
-                                       color=data.color)
+        dataset = _load(config)
         test, hospitals = _hospital_indices(dataset, config)
         x, y = dataset.train_x, dataset.train_y
         test_x, test_y = _test_set(dataset, test)
-        shards = [Shard(name, x[train], y[train], x[held], y[held]) for name, (train, held) in zip(names, hospitals)]
+        shards = [Shard(name, x[train], y[train], x[held], y[held],
+                        sets_within(dataset.identical_sets, np.concatenate([train, held])))
+                  for name, (train, held) in zip(names, hospitals)]
         federation = Federation(_without_training_images(dataset), test_x, test_y, shards)
     check_shards([s.train_y for s in federation.shards], names, config.train.batch_size)
     return federation
@@ -142,9 +159,7 @@ def central_test_set(config: Config) -> tuple[Dataset, np.ndarray, np.ndarray]:
     if isinstance(config.data.path, list):
         federation = load_federation(config)
         return federation.dataset, federation.test_x, federation.test_y
-    data = config.data
-    dataset = load_dataset(data.source, data.path, image_size=data.image_size, on_bad_image=data.on_bad_image,
-                                       color=data.color)
+    dataset = _load(config)
     test_x, test_y = _test_set(dataset, _pool_and_test(dataset, config)[1])  # no copy of the training part
     return _without_training_images(dataset), test_x, test_y
 

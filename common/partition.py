@@ -8,6 +8,11 @@ Schemes (`partition(..., scheme=...)`):
 - "quantity": quantity skew. Hospital sizes follow Dirichlet(alpha) proportions (after
   every hospital is given `min_size` examples); labels are iid within each hospital.
 
+Every split takes optional `groups` (one id per example: common/duplicates.py gives identical
+images, and one patient's images, one id) and then moves whole groups: a group is never in two
+hospitals, nor on both sides of a test or evaluation split. Without groups, or when every group
+is a single example, the result is exactly the per-example split.
+
 Everything is a pure function of its arguments and `seed`: the same call gives the same
 split in the coordinator, in every simulated client process and in the tests.
 """
@@ -22,13 +27,33 @@ SCHEMES = ("iid", "dirichlet", "quantity")
 _MAX_TRIES = 1000  # Dirichlet redraws before we tell the user the request is unrealistic
 
 
+def _units(groups) -> tuple[np.ndarray, np.ndarray]:
+    """(each example's unit, each unit's first example): units are the groups in order of first example."""
+    ids, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[inverse.reshape(-1)], first[order]
+
+
+def _members(unit_of: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Sorted indices of the examples in `units`."""
+    return np.flatnonzero(np.isin(unit_of, units)).astype(np.int64)
+
+
 def partition(labels: np.ndarray, num_hospitals: int, scheme: str, *, alpha: float = 0.5,
-              seed: int = 0, min_size: int = 1) -> list[np.ndarray]:
+              seed: int = 0, min_size: int = 1, groups=None) -> list[np.ndarray]:
     """Split example indices 0..N-1 among hospitals; one sorted int64 array per hospital.
 
     Every example lands in exactly one hospital and every hospital gets at least
-    `min_size` examples, or UserError says which setting to change.
+    `min_size` examples, or UserError says which setting to change. With `groups`, whole
+    groups are dealt, each by the label of its first example.
     """
+    if groups is not None:
+        unit_of, firsts = _units(groups)
+        parts = partition(np.asarray(labels)[firsts], num_hospitals, scheme, alpha=alpha, seed=seed,
+                          min_size=min_size)
+        return [_members(unit_of, part) for part in parts]
     labels = np.asarray(labels)
     if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
         raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} {labels.dtype}")
@@ -89,13 +114,20 @@ def _dirichlet_label_skew(labels, num_hospitals, alpha, min_size, rng):
     return [np.concatenate(parts) for parts in shards]
 
 
-def holdout_split(indices: np.ndarray, fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(indices: np.ndarray, fraction: float, *, seed: int,
+                  groups=None) -> tuple[np.ndarray, np.ndarray]:
     """Split one hospital's indices into (train, eval) for federated evaluation.
 
     `fraction` in [0, 1): the share held out. 0 gives an empty eval split. When it is
-    positive and the hospital has two or more examples, both parts are non-empty.
-    Pass a different seed per hospital (e.g. run seed + hospital number).
+    positive and the hospital has two or more examples (groups), both parts are non-empty.
+    Pass a different seed per hospital (e.g. run seed + hospital number). `groups`, one per
+    entry of `indices`, keeps each group on one side.
     """
+    if groups is not None:
+        indices = np.asarray(indices, dtype=np.int64)
+        unit_of, firsts = _units(groups)
+        train, held = holdout_split(np.arange(len(firsts)), fraction, seed=seed)
+        return indices[_members(unit_of, train)], indices[_members(unit_of, held)]
     if not 0.0 <= fraction < 1.0:
         raise UserError(f"the local evaluation fraction is {fraction!r}; use a value in [0, 1) "
                         "(0 turns local evaluation off)")
@@ -111,12 +143,18 @@ def holdout_split(indices: np.ndarray, fraction: float, *, seed: int) -> tuple[n
 
 
 def split_test(dataset_len: int, fraction: float, *, seed: int,
-               labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               labels: np.ndarray | None = None, groups=None) -> tuple[np.ndarray, np.ndarray]:
     """Central (train, test) index split for a source without its own test split.
 
     With `labels`, the split is stratified: each class keeps about `fraction` of its
-    examples in test (a class with a single example stays in train).
+    examples in test (a class with a single example stays in train). With `groups`, whole
+    groups go to one side (stratified by each group's first label).
     """
+    if groups is not None:
+        unit_of, firsts = _units(groups)
+        train, test = split_test(len(firsts), fraction, seed=seed,
+                                 labels=None if labels is None else np.asarray(labels)[firsts])
+        return _members(unit_of, train), _members(unit_of, test)
     if not 0.0 < fraction < 1.0:
         raise UserError(f"the test fraction is {fraction!r}; use a value strictly between 0 and 1")
     rng = np.random.default_rng(seed)

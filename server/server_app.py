@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import RunNotRunningException
 
+from client.odometer import SIMULATION_ODOMETER
 from common.config import from_dict, from_run_config, to_dict
 from common.errors import UserError
 from common.federation import central_test_set, hospital_label_counts
@@ -334,6 +335,10 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         state, reason = "interrupted", (f"stopped during round {completed + 1} (flwr stop); resume with the "
                                         f"run-config key resume-dir={run.path}")
         print(f"Stopping: {reason}.", flush=True)
+    if state == "finished" and not any(r["status"] == "trained" for r in ledger.records):
+        # A run that trained nobody produced no model worth having: a failure, said with its cause.
+        state, reason = "failed", _nobody_trained(ledger, config, bool(simulated))
+        print(f"error: {reason}", flush=True)
     try:
         _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed,
                 first_round)
@@ -346,6 +351,9 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
 def _show_plans(grid: Grid, config, run: RunDirectory, strategy: PrivateFedAvg, train_config: ConfigRecord,
                 first_round: int, stop: StopFlag) -> None:
     """Before the first round: every hospital's privacy plan (public numbers), printed and in plan.json."""
+    if run.simulated:  # where the earlier spend in the plan's "epsilon now" column comes from
+        print(f"Privacy odometer: {Path(config.privacy.odometer_dir) / SIMULATION_ODOMETER} (shared by the simulated "
+              "hospitals; each counts every charge on images of its shard)", flush=True)
     print("Asking the hospitals for their privacy plans (each loads its data and plans its noise) ...", flush=True)
     nodes = _wait_for_hospitals(grid, config.hospitals, config.train.min_hospitals, config.train.round_timeout, stop)
     rounds_left = config.rounds - first_round + 1
@@ -357,6 +365,22 @@ def _show_plans(grid: Grid, config, run: RunDirectory, strategy: PrivateFedAvg, 
     for line in plan_lines(plans, rounds_left, failed) + left_out:
         print(line, flush=True)
     print(f"Round {first_round}/{config.rounds} starts: the hospitals compile the DP-SGD step first ...", flush=True)
+
+
+def _nobody_trained(ledger: PrivacyLedger, config, simulated: bool) -> str:
+    """One line: each hospital's spend and budget, where its odometer is, and what to do."""
+    latest = ledger.latest()
+    spend = ", ".join(f"{name} spent {r['epsilon']:.3f} of {r['max_epsilon']:g}"
+                      for name, r in sorted(latest.items(), key=lambda item: (len(item[0]), item[0])))
+    spend = spend or "no hospital sent a usable reply"
+    if simulated:
+        where = f"the simulated hospitals' odometer is {Path(config.privacy.odometer_dir) / SIMULATION_ODOMETER}"
+        fix = ("for public or synthetic data, give a fresh privacy.odometer_dir (--set privacy.odometer_dir=DIR); "
+               "for real patients' data these budgets are spent")
+    else:
+        where = "each hospital's odometer is its node config's odometer-path"
+        fix = "a hospital whose budget is spent cannot train again on the same data"
+    return f"no hospital trained in this run ({spend}); {where}: {fix}"
 
 
 def _record_failure(run: RunDirectory, completed: int, strategy: PrivateFedAvg, error: Exception) -> None:

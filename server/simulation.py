@@ -71,6 +71,16 @@ def check_writable(out: Path) -> None:
         raise UserError(f"cannot write the run directory {out}: {reason}; choose another --out") from None
 
 
+def _note_old_odometer(config) -> None:
+    """Earlier versions kept the default odometer in the project: say where it is, so no spend is forgotten."""
+    from common.config import PROJECT_ROOT, default_odometer_dir
+
+    old = PROJECT_ROOT / "odometer" / "simulation.jsonl"
+    if Path(config.privacy.odometer_dir) == default_odometer_dir() and old.is_file():
+        print(f"note: an odometer of an earlier version is at {old.parent}; the default is now "
+              f"{default_odometer_dir()}: to keep counting that spend, pass --set privacy.odometer_dir={old.parent}")
+
+
 def prepare(args):
     """Resolve the config, check the data and the run directory before anything starts."""
     from common.config import load_config, to_dict
@@ -123,6 +133,11 @@ def prepare(args):
                          [s.name for s in federation.shards]))
     print(f"Central test set: {len(federation.test_y)} examples; input {federation.dataset.input_shape}, "
           f"{federation.dataset.num_classes} classes.")
+    placed = {s.name: s.identical_sets for s in federation.shards if s.identical_sets}
+    if placed:
+        print(f"Identical images: {sum(placed.values())} set(s), each kept whole in one hospital and out of the "
+              f"central test set: {', '.join(f'{name} {count}' for name, count in placed.items())}.")
+    _note_old_odometer(config)
     return config, _absolute_paths(to_dict(config)), out
 
 

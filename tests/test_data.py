@@ -27,10 +27,10 @@ def write_image(path, size=(16, 16), mode="L", seed=0, fmt=None):
     return path
 
 
-def make_folder(root, classes=("benign", "malignant"), per_class=3, ext=".png", size=(16, 16), mode="L"):
+def make_folder(root, classes=("benign", "malignant"), per_class=3, ext=".png", size=(16, 16), mode="L", seed=0):
     for c, name in enumerate(classes):
         for i in range(per_class):
-            write_image(root / name / f"img{i}{ext}", size=size, mode=mode, seed=10 * c + i)
+            write_image(root / name / f"img{i}{ext}", size=size, mode=mode, seed=seed + 10 * c + i)
     return root
 
 
@@ -99,7 +99,7 @@ def test_npz_colour_column_labels_no_test_and_val_merged(tmp_path):
 def test_npz_float_images_and_resize(tmp_path):
     x = np.random.default_rng(0).random((8, 10, 10)).astype(np.float32)
     path = write_npz(tmp_path / "f.npz", train_images=x, train_labels=np.array([0, 1] * 4, dtype=np.float64),
-                     test_images=x[:2], test_labels=np.array([1, 0]))
+                     test_images=1 - x[:2], test_labels=np.array([1, 0]))  # not copies of train images
     ds = load_dataset("npz", path, image_size=16)
     assert ds.input_shape == (16, 16, 1) and ds.test_x.shape == (2, 16, 16, 1)
     np.testing.assert_allclose(ds.train_x.mean() / 255, x.mean(), atol=0.02)
@@ -182,7 +182,7 @@ def test_folder_png_flat_layout(tmp_path):
 def test_folder_jpeg_train_test_layout_colour_to_gray(tmp_path):
     root = tmp_path / "derm"
     make_folder(root / "train", classes=("a", "b", "c"), per_class=2, ext=".JPG", mode="RGB")
-    make_folder(root / "test", classes=("a", "c"), per_class=1, ext=".jpeg", mode="RGB")
+    make_folder(root / "test", classes=("a", "c"), per_class=1, ext=".jpeg", mode="RGB", seed=100)  # other images
     (root / "train" / "a" / "notes.txt").write_text("ignored")
     ds = load_dataset("folder", str(root))
     assert ds.class_names == ["a", "b", "c"] and ds.input_shape == (16, 16, 1)

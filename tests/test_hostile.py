@@ -383,8 +383,11 @@ def test_config_refuses_nan_and_infinity(override):
         load_config(None, [override])
 
 
-def test_default_odometer_dir_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+def test_default_odometer_dir_is_the_users_data_dir_whatever_the_working_directory(tmp_path, monkeypatch):
     from common.config import PROJECT_ROOT, load_config
 
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)
-    assert load_config(None, []).privacy.odometer_dir == str(PROJECT_ROOT / "odometer")
+    resolved = load_config(None, []).privacy.odometer_dir
+    assert resolved == str(tmp_path / "data" / "hospital-fl" / "odometer")
+    assert not resolved.startswith(str(PROJECT_ROOT))  # never inside the installation or its venv
