@@ -10,6 +10,13 @@ Why it is fast: each example's gradient norm and the clipped sum come from one b
 pass, layer by layer, without materialising per-example gradients (common/layer_terms.py).
 Models whose layers that walk does not know run on a correct, slower path
 (tf.vectorized_map over examples), with one warning per process.
+
+Patient-level DP-SGD (`units=`): when each image's patient is known, the unit of privacy can
+be the patient. Each step then Poisson-samples patients at rate q, clips the SUM of each
+drawn patient's image gradients to C as one unit, adds the same noise and divides by the
+expected number of patients q*P. A patient's images are one unit with more positions in the
+same layer terms (common/layer_terms.py, common/unit_batch.py), so it costs about as much as
+per-image DP-SGD on the same images.
 """
 from __future__ import annotations
 
@@ -21,10 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.layer_terms import (clip_factors, conv_terms, dense_terms, finite_rows, loss_from_logits, make_plan,
-                                 per_example_bytes)
+from common.layer_terms import (Units, clip_factors, conv_terms, conv_unit_terms, dense_terms, dense_unit_terms,
+                                 finite_rows, loss_from_logits, make_plan, per_example_bytes, rows_finite, unit_sums)
 from common.model import model_input, per_example_loss
 from common.tf_setup import tf
+from common.unit_batch import UnitIndex
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +50,10 @@ class TrainStats:
     """What one call of DPSGDEngine.train did. mean_loss is on training data: keep it local."""
 
     steps: int  # DP-SGD steps run (each one noisy update)
-    batch_sizes: list[int]  # Poisson-drawn batch size of every step (may be 0)
-    mean_loss: float  # mean per-example loss over all drawn examples (nan if none drawn)
+    batch_sizes: list[int]  # Poisson-drawn batch size of every step, in units (images or patients; may be 0)
+    mean_loss: float  # mean per-image loss over all drawn images (nan if none drawn)
     seconds: float  # wall-clock time of the whole call
+    images: list[int] | None = None  # patient-level training: images drawn at every step
 
 
 class DPSGDEngine:
@@ -142,15 +151,27 @@ class DPSGDEngine:
             variable.assign(np.asarray(value, np.float32))
         return True
 
-    def clipped_gradient_sum(self, x, y) -> list[np.ndarray]:
+    def clipped_gradient_sum(self, x, y, *, units=None) -> list[np.ndarray]:
         """Noise-free sum over examples of each example's gradient clipped to l2_norm_clip
-        (global L2 norm over all trainable variables), in model.trainable_variables order."""
+        (global L2 norm over all trainable variables), in model.trainable_variables order.
+
+        With `units` (one patient index 0..P-1 per image), the sum over patients of each
+        patient's summed image gradients, clipped to l2_norm_clip as one."""
         x_all, y_all = self._as_tensors(x, y)
-        sums, _ = self._accumulate(x_all, y_all, np.arange(len(x), dtype=np.int32), self.chunk_size)
+        if units is None:
+            sums, _ = self._accumulate(x_all, y_all, np.arange(len(x), dtype=np.int32), self.chunk_size)
+        else:
+            index = UnitIndex(units, len(x))
+            sums, _ = self._accumulate_units(x_all, y_all, index, np.arange(index.count), *self._unit_limits(index))
         return [s.numpy() for s in sums]
 
-    def train(self, x, y, *, sampling_rate: float, steps: int) -> TrainStats:
-        """Run `steps` DP-SGD steps on (x, y) with Poisson sampling rate q = sampling_rate."""
+    def train(self, x, y, *, sampling_rate: float, steps: int, units=None) -> TrainStats:
+        """Run `steps` DP-SGD steps on (x, y) with Poisson sampling rate q = sampling_rate.
+
+        `units=None`: the unit is the image (q = expected batch / n). `units`: an int array
+        giving each image's patient 0..P-1; the unit is the patient (q = expected patients
+        per batch / P), each drawn patient's summed gradient is clipped to C, and the noisy
+        sum is divided by q*P."""
         start = time.perf_counter()
         if not (isinstance(sampling_rate, (int, float)) and 0 < sampling_rate <= 1):
             raise ValueError(f"DPSGDEngine.train: sampling_rate must be in (0, 1], got {sampling_rate!r}")
@@ -159,6 +180,8 @@ class DPSGDEngine:
         n = len(x)
         if n == 0 or len(y) != n:
             raise ValueError(f"DPSGDEngine.train: need as many labels as examples (>0), got {n} and {len(y)}")
+        if units is not None:
+            return self._train_units(x, y, UnitIndex(units, n), sampling_rate, int(steps), start)
         x_all, y_all = self._as_tensors(x, y)
         # Public divisor: the expected batch size, never the drawn one.
         scale = tf.constant(1.0 / (sampling_rate * n), tf.float32)
@@ -187,6 +210,33 @@ class DPSGDEngine:
         mean_loss = float(tf.add_n(loss_sums).numpy()) / drawn if drawn else math.nan
         return TrainStats(steps=int(steps), batch_sizes=sizes, mean_loss=mean_loss,
                           seconds=time.perf_counter() - start)
+
+    def _train_units(self, x, y, index: UnitIndex, q: float, steps: int, start: float) -> TrainStats:
+        """train() with patients as units: Poisson-sample patients, clip each one's summed gradient."""
+        x_all, y_all = self._as_tensors(x, y)
+        # Public divisor: the expected number of patients, never the drawn one.
+        scale = tf.constant(1.0 / (q * index.count), tf.float32)
+        fns = self._fns(x_all, y_all)
+        limits = self._unit_limits(index, q)
+        loss_sums, sizes, images = [], [], []
+        for _ in range(steps):
+            drawn = np.flatnonzero(self._rng.random(index.count) < q)
+            seed = tf.constant(self._rng.integers(0, 2**62, size=2), tf.int64)
+            batch = index.batch(drawn)
+            sizes.append(len(drawn))
+            images.append(batch.images)
+            if len(drawn) == 0:
+                fns["apply"]([tf.zeros_like(v) for v in self._variables], seed, scale)
+            elif batch.images <= limits[0] and (limits[1] is None or batch.pairs <= limits[1]):
+                loss_sums.append(fns["unit_step"](x_all, y_all, *self._unit_tensors(batch, limits), seed, scale))
+            else:  # more images than fit at once: whole patients chunk by chunk, then one update
+                sums, loss_sum = self._accumulate_units(x_all, y_all, index, drawn, *limits)
+                fns["apply"](sums, seed, scale)
+                loss_sums.append(loss_sum)
+        total = sum(images)
+        mean_loss = float(tf.add_n(loss_sums).numpy()) / total if total else math.nan
+        return TrainStats(steps=steps, batch_sizes=sizes, mean_loss=mean_loss,
+                          seconds=time.perf_counter() - start, images=images)
 
     # ------------------------------------------------------------------ internals
 
@@ -221,6 +271,18 @@ class DPSGDEngine:
             self._apply(sums, seed, scale)
             return loss_sum
 
+        # Patient-level batches: each image's unit within the batch, and the same-unit image pairs.
+        unit_spec = [idx_spec, idx_spec, idx_spec, tf.TensorSpec([None], tf.float32)]
+
+        def accumulate_units(x_all, y_all, idx, mask, segment, first, second, weight):
+            x, y = model_input(tf.gather(x_all, idx)), tf.gather(y_all, idx)
+            return self._clipped_unit_sum(x, y, mask, Units(segment, first, second, weight))
+
+        def unit_step(x_all, y_all, idx, mask, segment, first, second, weight, seed, scale):
+            sums, loss_sum = accumulate_units(x_all, y_all, idx, mask, segment, first, second, weight)
+            self._apply(sums, seed, scale)
+            return loss_sum
+
         fns = {"apply": tf.function(self._apply, jit_compile=jit,
                                     input_signature=[sums_spec, seed_spec, scale_spec])}
         if jit:
@@ -230,11 +292,20 @@ class DPSGDEngine:
                 x_spec, y_spec, idx_spec, mask_spec, seed_spec, scale_spec])
             fns["accumulate"] = tf.function(accumulate, jit_compile=True, input_signature=[
                 x_spec, y_spec, idx_spec, mask_spec])
+            fns["unit_step"] = tf.function(unit_step, jit_compile=True, input_signature=[
+                x_spec, y_spec, idx_spec, mask_spec, *unit_spec, seed_spec, scale_spec])
+            fns["unit_accumulate"] = tf.function(accumulate_units, jit_compile=True, input_signature=[
+                x_spec, y_spec, idx_spec, mask_spec, *unit_spec])
         else:
             fns["step"] = tf.function(lambda x_all, y_all, idx, seed, scale: step(
                 x_all, y_all, idx, None, seed, scale),
                 input_signature=[x_spec, y_spec, idx_spec, seed_spec, scale_spec])
             fns["accumulate"] = tf.function(accumulate, input_signature=[x_spec, y_spec, idx_spec])
+            fns["unit_step"] = tf.function(lambda x_all, y_all, idx, *rest: unit_step(
+                x_all, y_all, idx, None, *rest), input_signature=[
+                x_spec, y_spec, idx_spec, *unit_spec, seed_spec, scale_spec])
+            fns["unit_accumulate"] = tf.function(lambda x_all, y_all, idx, *rest: accumulate_units(
+                x_all, y_all, idx, None, *rest), input_signature=[x_spec, y_spec, idx_spec, *unit_spec])
         self._functions[key] = fns
         return fns
 
@@ -248,6 +319,33 @@ class DPSGDEngine:
                 part, part_loss = fns["accumulate"](x_all, y_all, *_pad(chunk, pad))
             else:
                 part, part_loss = fns["accumulate"](x_all, y_all, tf.constant(chunk))
+            sums = [a + b for a, b in zip(sums, part)]
+            loss_sum += part_loss
+        return sums, loss_sum
+
+    def _unit_limits(self, index: UnitIndex, q: float = 1.0) -> tuple[int, int | None]:
+        """(images, pairs) per compiled call: the memory chunk, or under XLA the fixed padded sizes."""
+        if not self.jit_compile:
+            return self.chunk_size, None
+        images, pairs = index.pad_sizes(q)
+        # A chunk never needs more room than the memory budget allows, nor less than the largest patient.
+        largest = int(index.sizes.max())
+        images = max(min(images, self.chunk_size), largest)
+        return images, max(min(pairs, index.pair_count()), largest * (largest + 1) // 2)
+
+    def _unit_tensors(self, batch, limits):
+        """The compiled unit functions' batch arguments: padded to the fixed sizes under XLA."""
+        if self.jit_compile:
+            return [tf.constant(t) for t in batch.padded(*limits)]
+        return [tf.constant(t) for t in (batch.idx, batch.segment, batch.first, batch.second, batch.weight)]
+
+    def _accumulate_units(self, x_all, y_all, index: UnitIndex, units, max_images, max_pairs=None):
+        """Clipped sum over whole units, in chunks of whole units (a unit's norm needs all its images)."""
+        fns = self._fns(x_all, y_all)
+        sums, loss_sum = [tf.zeros_like(v) for v in self._variables], tf.constant(0.0)
+        limits = (max_images, max_pairs)
+        for chunk in index.chunks(units, max_images, max_pairs):
+            part, part_loss = fns["unit_accumulate"](x_all, y_all, *self._unit_tensors(index.batch(chunk), limits))
             sums = [a + b for a, b in zip(sums, part)]
             loss_sum += part_loss
         return sums, loss_sum
@@ -273,6 +371,31 @@ class DPSGDEngine:
         return self._clipped_sum_fast(x, y, mask)
 
     def _clipped_sum_fast(self, x, y, mask):
+        records, grads, losses = self._forward_backward(x, y, mask)
+        sq_norm = tf.zeros_like(losses)
+        finish = []  # per record: function of clip factors c -> {var index: clipped sum}
+        for (p, a, _), g in zip(records, grads):
+            if p.kind == "dense":
+                sq, fin = dense_terms(p, a, g)
+            else:
+                sq, fin = conv_terms(p, a, g)
+            sq_norm += sq
+            finish.append(fin)
+        clip, finite = clip_factors(sq_norm, losses, self.l2_norm_clip)
+        return self._finish(finish, clip), tf.reduce_sum(tf.where(finite, losses, 0.0))
+
+    def _finish(self, finish, clip):
+        """The clipped sum per variable from each layer's builder and the clip factors."""
+        sums = [None] * len(self._variables)
+        for fin in finish:
+            for index, value in fin(clip).items():
+                sums[index] = value
+        return sums
+
+    def _forward_backward(self, x, y, mask):
+        """One forward pass keeping each trainable layer's input a and pre-activation z, and dL/dz.
+
+        Returns ([(plan entry, a, z)], [dL/dz], per-example losses (masked))."""
         records = []  # (plan entry, layer input a, pre-activation z)
         with tf.GradientTape(watch_accessed_variables=False, persistent=False) as tape:
             h = x
@@ -296,25 +419,38 @@ class DPSGDEngine:
             if mask is not None:
                 losses = losses * mask
             total = tf.reduce_sum(losses)
-        grads = tape.gradient(total, [z for _, _, z in records])
+        return records, tape.gradient(total, [z for _, _, z in records]), losses
 
-        sq_norm = tf.zeros_like(losses)
-        finish = []  # per record: function of clip factors c -> {var index: clipped sum}
+    def _clipped_unit_sum(self, x, y, mask, units):
+        """(clipped sum per variable, summed loss) over the units (patients) of one batch."""
+        if self._plan is None:
+            return self._clipped_unit_sum_slow(x, y, mask, units)
+        records, grads, losses = self._forward_backward(x, y, mask)
+        # An image with a non-finite loss, activation or gradient counts as zero within its
+        # unit (as a non-finite example does per image): its rows are zeroed before any sum.
+        keep = tf.math.is_finite(losses)
+        for (_, a, _), g in zip(records, grads):
+            keep &= rows_finite(a) & rows_finite(g)
+        sq_norm = tf.zeros_like(losses)  # one entry per unit slot (units are numbered < b)
+        finish = []
         for (p, a, _), g in zip(records, grads):
-            if p.kind == "dense":
-                sq, fin = dense_terms(p, a, g)
-            else:
-                sq, fin = conv_terms(p, a, g)
+            terms = dense_unit_terms if p.kind == "dense" else conv_unit_terms
+            sq, fin = terms(p, a, g, units, keep)
             sq_norm += sq
             finish.append(fin)
-        clip, finite = clip_factors(sq_norm, losses, self.l2_norm_clip)
-        sums = [None] * len(self._variables)
-        for fin in finish:
-            for index, value in fin(clip).items():
-                sums[index] = value
-        return sums, tf.reduce_sum(tf.where(finite, losses, 0.0))
+        # A unit whose summed norm still overflows counts as zero (clip_factors gives it 0).
+        clip, _ = clip_factors(sq_norm, tf.zeros_like(sq_norm), self.l2_norm_clip)
+        return self._finish(finish, clip), tf.reduce_sum(tf.where(keep, losses, 0.0))
 
     def _clipped_sum_slow(self, x, y, mask):
+        per_ex, losses = self._per_example_gradients(x, y, mask)
+        sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), 1) for g in per_ex])
+        clip, finite = clip_factors(sq, losses, self.l2_norm_clip)
+        sums = [tf.tensordot(clip, finite_rows(g, finite), 1) for g in per_ex]
+        return sums, tf.reduce_sum(tf.where(finite, losses, 0.0))
+
+    def _per_example_gradients(self, x, y, mask):
+        """Every example's gradient of every variable (tf.vectorized_map), and the losses; mask zeroes padding."""
         variables = self._variables
         model = self.model
 
@@ -329,10 +465,17 @@ class DPSGDEngine:
         if mask is not None:
             per_ex = [g * tf.reshape(mask, [-1] + [1] * (g.shape.rank - 1)) for g in per_ex]
             losses = losses * mask
+        return per_ex, losses
+
+    def _clipped_unit_sum_slow(self, x, y, mask, units):
+        """The exact per-unit path for models the layer walk does not cover: per-image gradients, summed per unit."""
+        per_ex, losses = self._per_example_gradients(x, y, mask)
         sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), 1) for g in per_ex])
-        clip, finite = clip_factors(sq, losses, self.l2_norm_clip)
-        sums = [tf.tensordot(clip, finite_rows(g, finite), 1) for g in per_ex]
-        return sums, tf.reduce_sum(tf.where(finite, losses, 0.0))
+        _, keep = clip_factors(sq, losses, self.l2_norm_clip)  # finite images only
+        per_unit = [unit_sums(finite_rows(g, keep), units) for g in per_ex]
+        unit_sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), 1) for g in per_unit])
+        clip, _ = clip_factors(unit_sq, tf.zeros_like(unit_sq), self.l2_norm_clip)
+        return [tf.tensordot(clip, g, 1) for g in per_unit], tf.reduce_sum(tf.where(keep, losses, 0.0))
 
 
 def scheduled_learning_rate(base: float, schedule: str, round_number: int, rounds: int) -> float:

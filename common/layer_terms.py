@@ -19,6 +19,7 @@ models this covers; the others run on the engine's slower, exact path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -151,6 +152,116 @@ def conv_terms(p, a, g):
         out = {p.kernel_index: kernel}
         if gb is not None:
             out[p.bias_index] = tf.tensordot(clip, finite_rows(gb, keep), 1)
+        return out
+
+    return sq, finish
+
+
+
+# ---------------------------------------------------------------------- patient-level units
+#
+# With patients as the DP unit, a unit's gradient is the sum of its images' gradients:
+# sum_i a_i g_i^T for a Dense kernel, the same over all positions of all its images for a
+# Conv2D kernel. Its squared norm is sum over image pairs (i, j) of one unit of <G_i, G_j>,
+# which for Dense is (a_i . a_j)(g_i . g_j) and for a ghost-norm Conv2D the pair's Gram
+# blocks; a Conv2D layer that materialises per-image kernels sums them per unit instead.
+# Units are numbered within the batch, so there are never more than b of them: b segments
+# keeps every shape a function of the (padded) batch size, which XLA needs.
+
+
+class Units(NamedTuple):
+    """A batch's images grouped into units (patients), as tensors (common/unit_batch.py builds them)."""
+
+    segment: Any  # (b,) int32: each image's unit, numbered 0..k-1 < b within the batch
+    first: Any  # (p,) int32: pairs first <= second of images of one unit (batch positions)
+    second: Any
+    weight: Any  # (p,) float32: 2 for first < second (the pair counts both ways), 1 on the diagonal, 0 padding
+
+
+def rows_finite(x):
+    """(b,) True where row (image) i of x has only finite entries."""
+    return tf.reduce_all(tf.math.is_finite(tf.reshape(x, [tf.shape(x)[0], -1])), 1)
+
+
+def unit_sums(x, units):
+    """Rows of x summed per unit: (b, ...) -> (b, ...), row u = unit u (empty units are zero)."""
+    return tf.math.unsorted_segment_sum(x, units.segment, tf.shape(units.segment)[0])
+
+
+def pair_total(products, units):
+    """Per unit, the weighted sum of its pairs' products (p,) -> (b,): sum over all (i, j) of the unit."""
+    unit_of_pair = tf.gather(units.segment, units.first)
+    return tf.math.unsorted_segment_sum(products * units.weight, unit_of_pair, tf.shape(units.segment)[0])
+
+
+def _pair_dots(x, units):
+    """(p,) inner products <x_i, x_j> of the rows of each pair."""
+    axes = list(range(1, x.shape.rank))
+    return tf.reduce_sum(tf.gather(x, units.first) * tf.gather(x, units.second), axes)
+
+
+def dense_unit_terms(p, a, g, units, keep):
+    """Squared per-unit norms (b,) and clipped-sum builder for a Dense layer; `keep` = finite images.
+
+    Rows of non-finite images are zeroed first: such an image counts as zero within its unit."""
+    a, g = finite_rows(a, keep), finite_rows(g, keep)
+    # ||sum_i a_i g_i^T||^2 = sum_{i,j} (a_i . a_j)(g_i . g_j): no per-unit kernel is formed.
+    sq = pair_total(_pair_dots(a, units) * _pair_dots(g, units), units)
+    gb = None
+    if p.bias_index is not None:
+        gb = unit_sums(g, units)  # (b, O) per-unit bias gradients: cheap to form outright
+        sq += tf.reduce_sum(tf.square(gb), 1)
+
+    def finish(clip):  # clip: (b,) per-unit factors
+        cg = g * tf.gather(clip, units.segment)[:, None]  # each image scaled by its unit's factor
+        out = {p.kernel_index: tf.matmul(a, cg, transpose_a=True)}
+        if gb is not None:
+            out[p.bias_index] = tf.tensordot(clip, gb, 1)
+        return out
+
+    return sq, finish
+
+
+def conv_unit_terms(p, a, g, units, keep):
+    """Squared per-unit norms (b,) and clipped-sum builder for a Conv2D layer (NHWC).
+
+    A unit's positions are all positions of all its images: the per-image kernels patches_i^T g_i
+    are summed per unit, or (ghost norm) the unit's Gram matrices are the blocks of its image pairs."""
+    layer = p.layer
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    out_ch = g.shape[-1]
+    a, g = finite_rows(a, keep), finite_rows(g, keep)
+    b = tf.shape(a)[0]
+    patches, k_major = _patches(a, layer, g.shape[1], g.shape[2])
+    g_flat = tf.reshape(g, [b, -1, out_ch])  # (b, T, O)
+    gb = None
+    sq = 0.0
+    if p.bias_index is not None:
+        gb = unit_sums(tf.reduce_sum(g_flat, 1), units)  # (b, O)
+        sq = tf.reduce_sum(tf.square(gb), 1)
+    unit_kernel = None
+    if p.ghost:
+        first_p, second_p = tf.gather(patches, units.first), tf.gather(patches, units.second)
+        gram_a = tf.matmul(first_p, second_p, transpose_a=k_major, transpose_b=not k_major)  # (p, T, T)
+        gram_g = tf.matmul(tf.gather(g_flat, units.first), tf.gather(g_flat, units.second), transpose_b=True)
+        sq += pair_total(tf.reduce_sum(gram_a * gram_g, [1, 2]), units)
+    else:
+        per_image = tf.matmul(patches, g_flat, transpose_a=not k_major)  # (b, K, O)
+        unit_kernel = unit_sums(per_image, units)
+        sq += tf.reduce_sum(tf.square(unit_kernel), [1, 2])
+
+    def finish(clip):  # clip: (b,) per-unit factors
+        if p.ghost:
+            kernel = tf.raw_ops.Conv2DBackpropFilter(
+                input=a, filter_sizes=tf.shape(layer.kernel),
+                out_backprop=g * tf.gather(clip, units.segment)[:, None, None, None],
+                strides=[1, sh, sw, 1], padding=layer.padding.upper(), dilations=[1, dh, dw, 1])
+        else:
+            kernel = tf.reshape(tf.tensordot(clip, unit_kernel, 1), layer.kernel.shape)
+        out = {p.kernel_index: kernel}
+        if gb is not None:
+            out[p.bias_index] = tf.tensordot(clip, gb, 1)
         return out
 
     return sq, finish

@@ -38,3 +38,15 @@ def sampling_rate_for(batch_size: int | str, num_examples: int) -> float:
 def steps_for(local_epochs: float, sampling_rate: float) -> int:
     """DP-SGD steps for `local_epochs` expected passes over the data."""
     return max(1, math.ceil(local_epochs / sampling_rate))
+
+
+def patient_sampling(batch_size: int | str, local_epochs: float, num_patients: int) -> tuple[float, int]:
+    """(q, steps) for patient-level DP-SGD, where the unit drawn and clipped is the patient.
+
+    Everything counts patients, not images: `batch_size` is the expected number of patients
+    per batch ("auto" picks it from the number of patients P as it would from n), q is that
+    over P, and an epoch is one expected pass over the patients. The per-image functions
+    above, given P for n, give the same numbers; this names the unit so that callers do not
+    pass an image count by mistake."""
+    q = sampling_rate_for(batch_size, num_patients)
+    return q, steps_for(local_epochs, q)
