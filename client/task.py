@@ -252,7 +252,7 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
         # The hospital's split: its own fraction and seed, stored beside the odometer the first
         # time and reused; nothing in the run config can move an example.
         seed = str(node_config.get("split-seed", fingerprint(hashes)))
-        prepared = {"image_size": config.data.image_size} | ({"color": config.data.color} if source == "folder" else {})
+        prepared = {"image_size": config.data.image_size} | ({"color": config.data.color} if source in ("folder", "table") else {})
         train_idx, eval_idx = hospital_split(hashes, odometer_path.with_name(odometer_path.name + ".split.json"),
                                              eval_fraction, seed, prepared, groups=dataset.train_groups)
         train_x, train_y, eval_x, eval_y = train_x[train_idx], train_y[train_idx], train_x[eval_idx], train_y[eval_idx]

@@ -34,8 +34,8 @@ MAX_PLANNED_EPOCHS = 10_000
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits (scikit-learn's bundled 8x8 images) | npz (MedMNIST layout) | folder
-    path: str | list[str] = ""  # npz file or image folder; a list gives one path per hospital
+    source: str = "digits"  # digits (scikit-learn's bundled 8x8 images) | npz (MedMNIST layout) | folder | table (labels.csv)
+    path: str | list[str] = ""  # npz file, image folder or labels table; a list gives one path per hospital
     partition: str = "iid"  # iid | dirichlet (label skew) | quantity (size skew)
     alpha: float = 0.5  # Dirichlet concentration for dirichlet and quantity; smaller = more skewed
     image_size: int = 0  # side in pixels to resize to; 0 keeps the data's own size
@@ -112,7 +112,7 @@ class Config:
 
 
 CHOICES = {
-    "data.source": ("digits", "npz", "folder"),
+    "data.source": ("digits", "npz", "folder", "table"),
     "data.partition": ("iid", "dirichlet", "quantity"),
     "data.on_bad_image": ("refuse", "skip"),
     "data.duplicates": ("group", "drop"),

@@ -1,6 +1,6 @@
 """Loading a hospital's images into arrays, and refusing bad data before any training starts.
 
-Three sources (`data.source`):
+Four sources (`data.source`):
 - "digits": scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes, no
   test split). Needs no files; handy for smoke tests.
 - "npz": a MedMNIST-style archive with `train_images`, `train_labels`, optional
@@ -8,7 +8,8 @@ Three sources (`data.source`):
   `test_images`/`test_labels`. Images are (N, H, W) grayscale or (N, H, W, 1|3), uint8
   0..255 (uint16 0..65535) or float in [0, 1]; labels are class indices, (N,) or (N, 1).
   Colour stays colour (3 channels). Classes are 0..max label, named "0", "1", ...
-- "folder": a folder of class subfolders of PNG/JPEG files (common/image_folder.py).
+- "folder": a folder of class subfolders of PNG/JPEG/DICOM files (common/image_folder.py).
+- "table": a CSV/TSV labels table, one row per image file, with optional patient ids (common/table.py).
 
 `image_size` 0 keeps the native size (for a folder: see common/image_folder.py); N > 0
 resizes every image to N x N. Pixels come out uint8 (held once per process at a quarter of
@@ -31,8 +32,9 @@ from common.duplicates import POLICIES as DUPLICATE_POLICIES, grouped
 from common.errors import UserError
 from common.image_folder import load_folder
 from common.npz import load_npz
+from common.table import load_table
 
-SOURCES = ("digits", "npz", "folder")
+SOURCES = ("digits", "npz", "folder", "table")
 BAD_IMAGE_POLICIES = ("refuse", "skip")
 
 
@@ -48,9 +50,11 @@ def load_dataset(source: str, path: str = "", *, image_size: int = 0,
 def _load_source(source, path, image_size, on_bad_image, color) -> Dataset:
     if source == "digits":
         return load_digits(image_size)
-    root = _existing_path(path, want_dir=(source == "folder"))
+    root = _existing_path(path, want_dir=(source == "folder"), source=source)
     if source == "npz":
         return load_npz(root, image_size)
+    if source == "table":
+        return load_table(root, image_size, on_bad_image, color)
     return load_folder(root, image_size, on_bad_image, color)
 
 
@@ -94,8 +98,8 @@ def _check_options(source, image_size, on_bad_image):
                         "unreadable image) or 'skip' (leave it out and count it)")
 
 
-def _existing_path(path, *, want_dir):
-    kind = "folder" if want_dir else ".npz file"
+def _existing_path(path, *, want_dir, source="npz"):
+    kind = "folder" if want_dir else ("labels table (.csv or .tsv)" if source == "table" else ".npz file")
     if not path:
         raise UserError(f"data.path is empty; set it to the {kind} holding the images")
     p = Path(path).expanduser()
@@ -105,6 +109,6 @@ def _existing_path(path, *, want_dir):
         raise UserError(f"data path {p} is a file but data.source 'folder' needs a folder of "
                         "class subfolders; point data.path at the folder or use data.source npz")
     if not want_dir and p.is_dir():
-        raise UserError(f"data path {p} is a folder but data.source 'npz' needs an .npz file; "
+        raise UserError(f"data path {p} is a folder but data.source '{source}' needs a {kind}; "
                         "point data.path at the file or use data.source folder")
     return p
