@@ -13,10 +13,10 @@ SMALL = ["--set", "hospitals=2", "--set", "train.batch_size=32", "--set", "model
          "--set", "model.dense_units=16"]
 
 
-def _simulate(*args):
+def _simulate(*args, exit_code=0):
     result = subprocess.run([sys.executable, "simulate.py", *SMALL, *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == exit_code, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
@@ -92,9 +92,10 @@ def test_budget_of_one_stops_early_and_a_second_run_trains_nothing(tmp_path):
         assert record["epsilon"] == pytest.approx(_recompute(records, record["hospital"], record["round"]), rel=1e-9)
     spent = {r["hospital"]: r["epsilon"] for r in records}
 
-    # A restart on the same data and odometer starts from the first run's epsilon and trains nothing.
+    # A restart on the same data and odometer starts from the first run's epsilon, trains nothing
+    # and says so with a failing exit: a run that trained nobody is not "finished".
     second = tmp_path / "second"
-    stdout = _simulate(*cheap_rounds, "--out", str(second))
+    stdout = _simulate(*cheap_rounds, "--out", str(second), exit_code=1)
     records = _ledger(second)
     assert all(r["status"] == "budget_exhausted" and r["steps"] == 0 for r in records)
     assert max(r["round"] for r in records) == 1
@@ -103,6 +104,8 @@ def test_budget_of_one_stops_early_and_a_second_run_trains_nothing(tmp_path):
         assert record["epsilon"] == pytest.approx(spent[record["hospital"]], rel=1e-9)
         assert record["epsilon"] == pytest.approx(_recompute(records, record["hospital"], 1), rel=1e-9)
     assert "Ended on budget" in stdout
+    assert "error: no hospital trained in this run" in stdout
+    assert json.loads((second / "status.json").read_text())["state"] == "failed"
     audit = subprocess.run([sys.executable, "-m", "server.audit", str(second)], cwd=ROOT, capture_output=True, text=True)
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
