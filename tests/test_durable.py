@@ -1,11 +1,12 @@
 """Durable writes: the bytes and the name that points at them are both on disk before we go on."""
+import errno
 import os
 import stat
 
 import pytest
 
 from client.odometer import PrivacyOdometer
-from common.durable import append_line, replace_file
+from common.durable import append_line, disk_full_line, is_disk_full, replace_file
 from common.privacy import PrivacyEvent
 
 
@@ -55,3 +56,49 @@ def test_an_odometers_first_charge_is_named_on_disk_before_training(tmp_path, sy
     odometer_file = os.path.realpath(tmp_path / "odometer.jsonl")
     first_dir_sync = synced.index(("dir", directory))
     assert ("file", odometer_file) in synced[:first_dir_sync]
+
+
+# A real full disk, without root: every write to /dev/full fails with ENOSPC (Linux).
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+
+
+@needs_dev_full
+def test_a_replace_on_a_full_disk_names_the_file_keeps_the_old_one_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "state.json"
+    replace_file(target, b"old")
+    # The temporary file's name is this process's: point it at /dev/full, as if the disk were full.
+    (tmp_path / f".state.json.{os.getpid()}.tmp").symlink_to("/dev/full")
+    with pytest.raises(OSError) as caught:
+        replace_file(target, b"new")
+    assert is_disk_full(caught.value) and caught.value.filename == str(target)
+    assert disk_full_line(caught.value) == f"cannot write {target}: no space left on the device"
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no stray temporary
+
+
+@needs_dev_full
+def test_an_append_on_a_full_disk_names_the_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.symlink_to("/dev/full")
+    with pytest.raises(OSError) as caught:
+        append_line(path, '{"round": 2}')
+    assert is_disk_full(caught.value) and caught.value.filename == str(path)
+
+
+def test_an_append_cut_short_by_a_full_disk_leaves_no_half_line(tmp_path, monkeypatch):
+    # The disk fills in the middle of a line: write() puts down a few bytes, then ENOSPC.
+    path = tmp_path / "ledger.jsonl"
+    append_line(path, '{"round": 1}')
+    real_write = os.write
+
+    def fills_up(descriptor, data):
+        if len(data) > 4:
+            return real_write(descriptor, bytes(data[:4]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", fills_up)
+    with pytest.raises(OSError) as caught:
+        append_line(path, '{"round": 2}')
+    monkeypatch.undo()
+    assert is_disk_full(caught.value)
+    assert path.read_text() == '{"round": 1}\n'  # every line whole
