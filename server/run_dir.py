@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from common.durable import replace_file
+from common.durable import append_line, replace_file
 from common.errors import UserError
 
 
@@ -65,8 +65,8 @@ class RunDirectory:
         self.config.write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """One round's line, whole or not at all (a full disk cuts no line in half; see durable)."""
+        append_line(self.metrics, json.dumps(record))
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.exists():

@@ -24,6 +24,7 @@ from flwr.supercore.run import RunNotRunningException
 
 from client.odometer import SIMULATION_ODOMETER
 from common.config import from_dict, from_run_config, to_dict
+from common.durable import disk_full_line, is_disk_full
 from common.errors import UserError
 from common.federation import central_test_set, hospital_label_counts
 from common.metrics import evaluate_model
@@ -115,9 +116,19 @@ class _EngineErrorsToLog(logging.Filter):
         return True
 
 
+class _RunLogHandler(logging.FileHandler):
+    """run.log. When the disk is full a log line cannot be written; logging would then print a
+    traceback for every line, while the round loop says once, in one line, what is full."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if is_disk_full(sys.exc_info()[1]):
+            return
+        super().handleError(record)
+
+
 def _open_log(run: RunDirectory):
     """Details of failures and rejections go to run.log, one place, not to the terminal."""
-    handler = logging.FileHandler(run.log, encoding="utf-8")
+    handler = _RunLogHandler(run.log, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -194,14 +205,40 @@ def main(grid: Grid, context: Context) -> None:
     stop.install()
     try:
         _run(grid, context, config, run, saved, stop, simulated)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        _stop_on_full_disk(run, error)  # before round 1, or while the last round was saved
     finally:
         stop.restore()
         close_log()
 
 
+def _stop_on_full_disk(run: RunDirectory, error: OSError, completed: int | None = None, strategy=None) -> None:
+    """One line naming the file that could not be written; status.json says so when it can be
+    written, and a second line says when even that fails (then the terminal is all there is)."""
+    reason = (f"{disk_full_line(error)}; the run stopped. Free space, then resume with --resume {run.path} "
+              "(or the run-config key resume-dir): a round whose metrics or checkpoint were not written is repeated")
+    print(f"error: {reason}", flush=True)
+    if strategy is None:
+        return  # nothing is known of the rounds here: status.json keeps what it last said
+    try:
+        run.write_status(_status("failed", completed, strategy, reason, exit_code=EXIT_WITH_PROBLEMS))
+    except OSError as again:
+        print(f"error: {run.status} could not be written either ({disk_full_line(again)})", flush=True)
+
+
+def unsaved_rounds(saved_round: int, ledger: PrivacyLedger) -> list[int]:
+    """Rounds the ledger holds that the checkpoint does not: the hospitals were charged for them
+    (the charges stand), but their update and metrics were never saved (a full disk, a kill
+    between the ledger and the checkpoint), so the model lacks them."""
+    return sorted({r["round"] for r in ledger.records if r["round"] > saved_round})
+
+
 def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateFedAvg, grid: Grid, config,
              context: Context, simulated: int):
-    """Continue from a checkpoint: (global arrays, metrics so far, Flower run ids, first round to run)."""
+    """Continue from a checkpoint: (global arrays, metrics so far, Flower run ids, first round to run, rounds to
+    repeat)."""
     metrics = [m for m in saved.metrics if m["round"] <= saved.round]
     run.rewrite_metrics(metrics)
     nodes = {str(n) for n in grid.get_node_ids()}
@@ -209,7 +246,9 @@ def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateF
     strategy.restore(state, keep_nodes=bool(nodes & set(saved.strategy.get("node_names", {}))))
     for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), saved.flower_runs):
         log.info("resume: %s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
-    # Records written after the checkpoint (a round cut short) stay: continue after them.
+    # Records written after the checkpoint (a round cut short) stay: continue after them, so no
+    # (round, hospital) is ledgered twice, and repeat each such round's work under a new number.
+    repeated = unsaved_rounds(saved.round, ledger)
     first_round = max([saved.round] + [r["round"] for r in ledger.records]) + 1
     cut_short = checkpoint.started_round(run.checkpoint)
     if not simulated and cut_short > saved.round:
@@ -225,7 +264,12 @@ def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateF
                  "next replies", cut_short)
         first_round = max(first_round, cut_short + 1)
     print(f"Resuming {run.path} after round {first_round - 1}.", flush=True)
-    return ArrayRecord(saved.weights), metrics, saved.flower_runs + [context.run_id], first_round
+    if repeated:
+        names = ", ".join(str(r) for r in repeated)
+        print(f"Round(s) {names} charged the hospitals (ledgered) but the model after them was never saved: the "
+              f"model goes on from round {saved.round}, and the run repeats that work in {len(repeated)} more "
+              f"round(s), to round {config.rounds + len(repeated)}.", flush=True)
+    return ArrayRecord(saved.weights), metrics, saved.flower_runs + [context.run_id], first_round, repeated
 
 
 def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: StopFlag, simulated: int) -> None:
@@ -245,11 +289,13 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         run.write_status(_status("failed", saved.round if saved else 0, strategy, str(error), exit_code=EXIT_BAD_INPUT))
         print(f"error: {error}", flush=True)
         return
-    flower_runs, metrics, first_round = [context.run_id], [], 1
+    flower_runs, metrics, first_round, repeated = [context.run_id], [], 1, []
     arrays = ArrayRecord(model.get_weights())
     if saved is not None:
-        arrays, metrics, flower_runs, first_round = _restore(saved, run, ledger, strategy, grid, config, context,
-                                                             simulated)
+        arrays, metrics, flower_runs, first_round, repeated = _restore(saved, run, ledger, strategy, grid, config,
+                                                                       context, simulated)
+    # Every round's update the model lacks is repeated: the last round moves by as many.
+    last_round = config.rounds + len(repeated)
     train_config = ConfigRecord({
         "batch_size": config.train.batch_size,
         "local_epochs": config.train.local_epochs,
@@ -279,11 +325,11 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
     run.write_status(_status("running", completed, strategy, "the run has not finished", exit_code=EXIT_WITH_PROBLEMS))
     save_checkpoint(completed)
     print(f"Run directory: {run.path}", flush=True)
-    _show_plans(grid, config, run, strategy, train_config, first_round, stop)
+    _show_plans(grid, config, run, strategy, train_config, first_round, last_round, stop)
     started = time.time()
-    state, reason = "finished", f"all {config.rounds} rounds ran"
+    state, reason = "finished", f"all {last_round} rounds ran"
     try:
-        for server_round in range(first_round, config.rounds + 1):
+        for server_round in range(first_round, last_round + 1):
             nodes = _wait_for_hospitals(grid, config.hospitals if server_round == first_round else config.train.min_hospitals,
                                         config.train.min_hospitals, config.train.round_timeout, stop)
             if stop.requested():
@@ -305,9 +351,9 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
             save_checkpoint(server_round)
             run.write_status(_status("running", completed, strategy, "the run has not finished",
                                      exit_code=EXIT_WITH_PROBLEMS))
-            print(round_line(record, config.rounds, ledger.latest()) + _outcome_text(outcome, outcome.updated),
+            print(round_line(record, last_round, ledger.latest()) + _outcome_text(outcome, outcome.updated),
                   flush=True)
-            if strategy.everyone_exhausted(config.hospitals) and server_round < config.rounds:
+            if strategy.everyone_exhausted(config.hospitals) and server_round < last_round:
                 reason = "no hospital can afford another round"
                 print(f"Stopping after round {server_round}: {reason}.", flush=True)
                 break
@@ -326,6 +372,12 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         print(f"error: {error}", flush=True)
         return
     except (Exception, RunNotRunningException) as error:  # noqa: BLE001 - recorded, then Flower sees the failure too
+        if is_disk_full(error):
+            # The round in progress could not be saved whole: stop here. What it ledgered stands;
+            # its metrics and checkpoint are what a resume repeats. Nothing more is written, since
+            # every further file (model, plots, report) would only fail the same way.
+            _stop_on_full_disk(run, error, completed, strategy)
+            return
         # `flwr stop` revokes the run's token: Flower signals this process (a stop request) and
         # its next call to the SuperLink fails. That is the operator's stop, not a crash.
         if simulated or not (stop.requested() or isinstance(error, RunNotRunningException)):
@@ -341,22 +393,25 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         print(f"error: {reason}", flush=True)
     try:
         _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed,
-                first_round)
+                first_round, last_round)
         write_report(run, hospital_label_counts(config, dataset) if simulated else None)
     except Exception as error:  # noqa: BLE001
+        if is_disk_full(error):  # every round is saved; the model file, say, is not
+            _stop_on_full_disk(run, error, completed, strategy)
+            return
         _record_failure(run, completed, strategy, error)
         raise
 
 
 def _show_plans(grid: Grid, config, run: RunDirectory, strategy: PrivateFedAvg, train_config: ConfigRecord,
-                first_round: int, stop: StopFlag) -> None:
+                first_round: int, last_round: int, stop: StopFlag) -> None:
     """Before the first round: every hospital's privacy plan (public numbers), printed and in plan.json."""
     if run.simulated:  # where the earlier spend in the plan's "epsilon now" column comes from
         print(f"Privacy odometer: {Path(config.privacy.odometer_dir) / SIMULATION_ODOMETER} (shared by the simulated "
               "hospitals; each counts every charge on images of its shard)", flush=True)
     print("Asking the hospitals for their privacy plans (each loads its data and plans its noise) ...", flush=True)
     nodes = _wait_for_hospitals(grid, config.hospitals, config.train.min_hospitals, config.train.round_timeout, stop)
-    rounds_left = config.rounds - first_round + 1
+    rounds_left = last_round - first_round + 1
     query = ConfigRecord(dict(train_config) | {"planned_rounds": rounds_left})
     plans, failed, names = ask_plans(grid, nodes, query, timeout=config.train.round_timeout)
     # A hospital that then fails before it ever trains is named, not numbered.
@@ -364,7 +419,7 @@ def _show_plans(grid: Grid, config, run: RunDirectory, strategy: PrivateFedAvg, 
     (run.path / "plan.json").write_text(json.dumps(plans, indent=1, sort_keys=True))
     for line in plan_lines(plans, rounds_left, failed) + left_out:
         print(line, flush=True)
-    print(f"Round {first_round}/{config.rounds} starts: the hospitals compile the DP-SGD step first ...", flush=True)
+    print(f"Round {first_round}/{last_round} starts: the hospitals compile the DP-SGD step first ...", flush=True)
 
 
 def _nobody_trained(ledger: PrivacyLedger, config, simulated: bool) -> str:
@@ -390,7 +445,7 @@ def _record_failure(run: RunDirectory, completed: int, strategy: PrivateFedAvg, 
 
 
 def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed,
-            first_round) -> None:
+            first_round, last_round) -> None:
     """Ledger lost charges (simulation), save the model and plots, print the summary, write status.json."""
     for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), flower_runs):
         log.info("%s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
@@ -398,7 +453,7 @@ def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, 
     model.save(run.model)
     run.plot_accuracy()
     for line in summary_lines(run, ledger.latest(), strategy.exhausted(), strategy.declined_at, time.time() - started,
-                              first_round, config.rounds):
+                              first_round, last_round):
         print(line, flush=True)
     named = sorted(strategy.failed) + sorted(strategy.rejected)
     if named:

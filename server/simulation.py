@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.durable import DISK_FULL_WORDS
 from common.errors import UserError
 from server.flower_launch import Simulation
 
@@ -261,6 +262,16 @@ def main(argv=None) -> int:
               "try again when the machine is less loaded", file=sys.stderr)
         return 1
     code = outcome(out, succeeded, simulation.stop_requests > 0)
+    if simulation.disk_filled():
+        # The ServerApp's own line (already shown) names the full file; if status.json could not
+        # say so, this is the run's last word, not a guess about memory.
+        if _written_state(out) == "running":
+            reason = next(line for line in simulation.transcript if DISK_FULL_WORDS in line)[len("error: "):]
+            _mark_failed(out, reason)
+            if _written_state(out) == "running":
+                print(f"error: {out / 'status.json'} still says running: it could not be rewritten ({reason})",
+                      file=sys.stderr)
+        return 1
     if code not in (0, 130) and not (out / "status.json").is_file():
         print(f"error: the run failed; Flower's log is in {out / 'flower.log'}", file=sys.stderr)
     elif code not in (0, 130) and _written_state(out) == "running":

@@ -101,6 +101,9 @@ class _StoppedSimulation:
     def cleanup(self):
         pass
 
+    def disk_filled(self):
+        return False
+
 
 def test_an_interrupted_run_ends_with_one_line_saying_how_to_resume(tmp_path, monkeypatch, capsys):
     from common.config import load_config
