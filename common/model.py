@@ -154,3 +154,29 @@ def model_input(images):
 def load_model(path):
     """A saved model.keras, with this module's layers (GroupNorm) known to Keras."""
     return keras.models.load_model(path, custom_objects={"GroupNorm": GroupNorm})
+
+
+def standard_layers(model):
+    """The same network built from tf-keras's own layers only, with the same weights.
+
+    GroupNorm becomes `tf_keras.layers.GroupNormalization(groups, epsilon, center=False,
+    scale=False)`: the same function (per example, contiguous channel groups, no weights) that
+    every Keras knows, so the saved file loads with plain `tf_keras.models.load_model(path)`
+    in a process that never imports this project. A model without GroupNorm is returned as is."""
+    if not any(isinstance(layer, GroupNorm) for layer in model.layers):
+        return model
+
+    def clone(layer):
+        if isinstance(layer, GroupNorm):
+            return keras.layers.GroupNormalization(groups=layer.groups, epsilon=layer.epsilon, center=False,
+                                                   scale=False, name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def save_model(model, path):
+    """Write `model` to `path` (model.keras) so that plain `tf_keras.models.load_model(path)` reads it."""
+    standard_layers(model).save(path)

@@ -1,9 +1,16 @@
 """The run report: `report.md` in the run directory, with its plots, written once at the end.
 
 Everything here is read back from the run directory (config.yaml, metrics.jsonl,
-privacy_ledger.jsonl, plan.json if the run has one) so the report says exactly what the
-files say. Plots stay readable at 50 hospitals: per-hospital series are summarised (min,
-median, max) beyond LISTED hospitals, legends sit outside the axes, rounds are integers.
+privacy_ledger.jsonl, plan.json, status.json, model.keras) so the report says exactly what
+the files say: the confusion matrix is the saved model's, loaded back and run on the central
+test set that config.yaml defines. Plots (server/plots.py, the style the audit's `--plot`
+shares) stay readable at 50 hospitals: per-hospital series are summarised (min, median, max)
+beyond LISTED hospitals.
+
+Provenance (versions, Flower's app bundle hash, start and end) comes from status.json's
+"provenance" when the ServerApp wrote one (server/provenance.py), else from this process
+and the files' times. The audit's verdict is the audit library's, run here on the finished
+files; `hospital-fl audit RUN` repeats it independently.
 
 The label distribution per hospital is drawn only in a simulation, where the coordinator
 itself holds the partition; in a deployment nothing a hospital sends carries its labels.
@@ -12,13 +19,22 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 
 import yaml
 
+from server import plots
+from server.cli import command
+from server.provenance import PACKAGES, now_utc, provenance
 from server.report import chance_warning
 
-LISTED = 10  # at most this many hospitals get their own line, bar label or legend entry
+LISTED = plots.LISTED  # at most this many hospitals get their own line, bar label or legend entry
+CONFUSION_CLASSES = 20  # beyond this many classes the matrix is left out (per-class recall stays)
+UNITS = {  # what one epsilon protects, per the ledger's `unit` (a record without one: image)
+    "image": "image (each epsilon protects one image; a patient with k images is protected at group size k)",
+    "patient": "patient (each epsilon protects all of one patient's images together)",
+}
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -27,87 +43,87 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _order(names):
-    return sorted(names, key=lambda name: (len(name), name))
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    return plt, MaxNLocator
+    return sorted(names, key=plots.natural)
 
 
 def epsilon_plot(ledger: list[dict], path: Path) -> None:
-    """Cumulative epsilon against round: one line per hospital, or min/median/max beyond LISTED."""
-    plt, MaxNLocator = _pyplot()
-    hospitals = _order({r["hospital"] for r in ledger})
-    rounds = sorted({r["round"] for r in ledger})
-    by = {(r["hospital"], r["round"]): r["epsilon"] for r in ledger}
-    figure, axis = plt.subplots(figsize=(7.5, 4))
-    if len(hospitals) <= LISTED:
-        for hospital in hospitals:
-            own = [(n, by[hospital, n]) for n in rounds if (hospital, n) in by]
-            axis.plot(*zip(*own), marker=".", label=hospital)
+    """Cumulative epsilon against round (kept for callers of the old name: server/plots.py draws it)."""
+    plots.epsilon_plot(ledger, path)
+
+
+def _file_time(path: Path) -> str | None:
+    return now_utc(path.stat().st_mtime) if path.is_file() else None
+
+
+def _provenance_section(path: Path, status: dict, metrics: list[dict]) -> list[str]:
+    recorded = status.get("provenance") or {}
+    here = provenance()
+    versions = recorded.get("versions") or here["versions"]
+    flower = recorded.get("flower_run") or here["flower_run"]
+    source = "status.json" if recorded else "the process that wrote this report"
+    started = recorded.get("started_at") or _file_time(path / "config.yaml")
+    ended = recorded.get("written_at") or _file_time(path / "status.json") or here["written_at"]
+    seconds = sum(float(m.get("seconds", 0)) for m in metrics)
+    lines = ["## Provenance", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {versions.get(name) or 'not installed'} |" for name in PACKAGES]
+    lines += [f"| Python | {recorded.get('python') or here['python']} |"]
+    if flower.get("fab_hash"):
+        lines += [f"| app bundle (FAB) sha256 | `{flower['fab_hash']}` |",
+                  f"| app | {flower.get('fab_id', '?')} {flower.get('fab_version', '')} (Flower run {flower.get('run_id', '?')}) |"]
     else:
-        per_round = [[by[h, n] for h in hospitals if (h, n) in by] for n in rounds]
-        axis.fill_between(rounds, [min(v) for v in per_round], [max(v) for v in per_round], alpha=0.25,
-                          label=f"min-max over {len(hospitals)} hospitals")
-        axis.plot(rounds, [statistics.median(v) for v in per_round], marker=".", label="median")
-    for budget in sorted({r["max_epsilon"] for r in ledger}):
-        axis.axhline(budget, color="red", linestyle=":", linewidth=1, label=f"budget {budget:g}")
-    axis.set(xlabel="round", ylabel="cumulative epsilon", title=f"Privacy spent (delta={ledger[0]['delta']:g})")
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+        lines += ["| app bundle (FAB) sha256 | not recorded (the ServerApp did not pass Flower's run to "
+                  "server/provenance.py) |"]
+    lines += [f"| started (UTC) | {started or '?'} |", f"| ended (UTC) | {ended} |",
+              f"| state | {status.get('state', '?')}, {status.get('rounds_completed', len(metrics))} round(s) completed, "
+              f"{seconds:.1f} s in rounds |"]
+    return lines + ["", f"Versions and the bundle hash from {source}.", ""]
 
 
-def _hospital_accuracy_plot(evaluation: dict[str, dict], path: Path) -> None:
-    """Last round's federated accuracy per hospital (its own held-out split), sorted."""
-    plt, _ = _pyplot()
-    pairs = sorted(((name, scores["accuracy"]) for name, scores in evaluation.items() if "accuracy" in scores),
-                   key=lambda item: item[1])
-    height = max(2.5, 0.18 * len(pairs) + 1)
-    figure, axis = plt.subplots(figsize=(7, height))
-    axis.barh(range(len(pairs)), [a for _, a in pairs], color="tab:blue")
-    axis.set_yticks(range(len(pairs)), [n for n, _ in pairs], fontsize=7 if len(pairs) > LISTED else 9)
-    axis.set(xlim=(0, 1), xlabel="accuracy on the hospital's held-out split",
-             title="Global model, last round, per hospital")
-    axis.grid(axis="x", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+def _audit_section(path: Path) -> list[str]:
+    """The audit library's verdict on the finished files (the same checks as `hospital-fl audit`)."""
+    hint = command("audit", str(path))
+    lines = ["## Audit", ""]
+    if not (path / "privacy_ledger.jsonl").is_file():
+        return lines + ["No privacy ledger to audit.", ""]
+    started = time.monotonic()
+    try:
+        from server.audit import audit_ledger, read_context, read_ledger
+
+        report = audit_ledger(read_ledger(str(path)), accountant="pld", jobs=1, context=read_context(str(path), []))
+    except Exception as error:  # noqa: BLE001 - the report still gets written; the command says more
+        return lines + [f"The audit could not run here ({type(error).__name__}: {str(error)[:200]}): run `{hint}`.", ""]
+    took = time.monotonic() - started
+    if report.ok:
+        verdict = (f"**passed**: every epsilon in the ledger recomputes from its mechanism fields (PLD), no budget is "
+                   f"exceeded and the ledger agrees with config.yaml, metrics.jsonl and status.json ({took:.1f} s).")
+    else:
+        verdict = f"**{len(report.discrepancies)} discrepancies** ({took:.1f} s):"
+    lines += [f"Audit at the end of the run: {verdict}"]
+    lines += [f"{k}. {text}" for k, text in enumerate(report.discrepancies[:20], 1)]
+    if len(report.discrepancies) > 20:
+        lines += [f"... and {len(report.discrepancies) - 20} more."]
+    return lines + ["", f"Repeat it independently of the training code: `{hint}` (exit 0 when every check passes).", ""]
 
 
-def _label_plot(counts: dict[str, list[int]], class_names: list[str], path: Path) -> None:
-    """Each hospital's training examples per class, as stacked horizontal bars; legend outside."""
-    plt, _ = _pyplot()
-    names = _order(counts)
-    height = max(2.5, 0.18 * len(names) + 1)
-    figure, axis = plt.subplots(figsize=(8, height))
-    left = [0] * len(names)
-    colours = plt.get_cmap("tab20")
-    for k, label in enumerate(class_names):
-        widths = [counts[n][k] for n in names]
-        axis.barh(range(len(names)), widths, left=left, color=colours(k % 20), label=str(label))
-        left = [a + b for a, b in zip(left, widths)]
-    axis.set_yticks(range(len(names)), names, fontsize=7 if len(names) > LISTED else 9)
-    axis.invert_yaxis()
-    axis.set(xlabel="training examples", title="Label distribution per hospital")
-    if len(class_names) <= 20:
-        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="class")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+def _unit_lines(latest: dict[str, dict]) -> list[str]:
+    by_unit: dict[str, list[str]] = {}
+    for name in _order(latest):
+        by_unit.setdefault(latest[name].get("unit") or "image", []).append(name)
+    if len(by_unit) == 1:
+        (unit,) = by_unit
+        return [f"Unit of privacy: {UNITS.get(unit, unit)}."]
+    return [f"Unit of privacy at {', '.join(names)}: {UNITS.get(unit, unit)}." for unit, names in by_unit.items()]
 
 
-def _privacy_section(ledger: list[dict]) -> list[str]:
+def _privacy_section(ledger: list[dict], path: Path) -> list[str]:
     latest: dict[str, dict] = {}
     steps: dict[str, int] = {}
     for record in ledger:
@@ -117,22 +133,93 @@ def _privacy_section(ledger: list[dict]) -> list[str]:
     if not latest:
         return lines + ["No hospital reported a privacy record.", ""]
     worst = max(latest.values(), key=lambda r: r["epsilon"])
+    units = {r.get("unit") or "image" for r in latest.values()}
+    unit = "one training example (one patient image)" if units == {"image"} else (
+        "one patient (all of that patient's training images)" if units == {"patient"} else "one unit (below)")
     lines += [
-        f"Each hospital's guarantee is (epsilon, delta)-differential privacy for one training example "
-        f"(one patient image) of that hospital, zero-out adjacency (n public), over every DP-SGD step it has "
-        f"ever run on its data (earlier runs included): Poisson-sampled Gaussian mechanism, accounted with "
-        f"dp-accounting's PLD accountant. The federation's maximum is **epsilon {worst['epsilon']:.3f} at "
-        f"delta {worst['delta']:g}** ({worst['hospital']}). Recompute it: `python -m server.audit <this directory>`.",
-        "",
-        "| hospital | epsilon | delta | budget | left | noise multiplier | sampling rate | steps (this run) | status |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Each hospital's guarantee is (epsilon, delta)-differential privacy for {unit} of that hospital, "
+        f"zero-out adjacency (n public), over every DP-SGD step it has ever run on its data (earlier runs "
+        f"included): Poisson-sampled Gaussian mechanism, accounted with dp-accounting's PLD accountant. The "
+        f"federation's maximum is **epsilon {worst['epsilon']:.3f} at delta {worst['delta']:g}** "
+        f"({worst['hospital']}). Recompute it: `{command('audit', str(path))}`.",
+        "", *_unit_lines(latest), "",
+        "| hospital | epsilon | delta | budget | left | unit | noise multiplier | sampling rate | steps (this run) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in _order(latest):
         r = latest[name]
         lines.append(f"| {name} | {r['epsilon']:.3f} | {r['delta']:g} | {r['max_epsilon']:g} | "
-                     f"{r['max_epsilon'] - r['epsilon']:.3f} | {r['noise_multiplier']:g} | {r['sampling_rate']:.4f} | "
-                     f"{steps[name]} | {r['status']} |")
+                     f"{r['max_epsilon'] - r['epsilon']:.3f} | {r.get('unit') or 'image'} | {r['noise_multiplier']:g} | "
+                     f"{r['sampling_rate']:.4f} | {steps[name]} | {r['status']} |")
     return lines + [""]
+
+
+def _plan_section(plan: dict) -> list[str]:
+    """plan.json as the table the terminal showed before round 1 (server/plan.py plan_lines)."""
+    lines = ["## Privacy plan", "", "What each hospital planned before round 1, from its own budget "
+             "(sigma: the noise multiplier it chose; `declines`: it cannot afford a useful round).", "",
+             "| hospital | examples | expected batch | q | steps/round | sigma | epsilon before | epsilon at end "
+             "(planned) | budget |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in _order(plan):
+        p = plan[name]
+        try:
+            n, q = int(p["num-examples"]), float(p["sampling-rate"])
+            sigma, final = ((f"{p['noise-multiplier']:.4g}", f"{p['epsilon-planned']:.3f}")
+                            if "noise-multiplier" in p else ("-", "declines"))
+            lines.append(f"| {name} | {n} | {round(q * n)} | {q:.4f} | {int(p['steps-per-round'])} | {sigma} | "
+                         f"{float(p['epsilon-before']):.3f} | {final} | {float(p['max-epsilon']):g} |")
+        except (KeyError, TypeError, ValueError):
+            lines.append(f"| {name} | " + " | ".join(["?"] * 8) + " |")
+    return lines + [""]
+
+
+def confusion(path: Path, resolved: dict):
+    """(matrix[true][predicted], class names) of model.keras on config.yaml's central test set, or a reason str."""
+    if not (path / "model.keras").is_file():
+        return "no model.keras in the run directory"
+    try:
+        import numpy as np
+
+        from common.config import from_dict
+        from common.federation import central_test_set
+        from common.metrics import predict
+        from common.model import load_model
+
+        dataset, test_x, test_y = central_test_set(from_dict(resolved))
+        probabilities = predict(load_model(path / "model.keras"), test_x)
+    except Exception as error:  # noqa: BLE001 - the rest of the report stands without it
+        return f"could not evaluate model.keras on the central test set ({type(error).__name__}: {str(error)[:160]})"
+    k = len(dataset.class_names)
+    predicted = (probabilities[:, 0] >= 0.5).astype(np.int64) if probabilities.shape[-1] == 1 else \
+        probabilities.argmax(axis=-1)
+    matrix = np.zeros((k, k), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(test_y, dtype=np.int64), predicted), 1)
+    return matrix.tolist(), [str(c) for c in dataset.class_names]
+
+
+def _confusion_section(found) -> list[str]:
+    lines = ["## Per class (final model, central test set)", ""]
+    if isinstance(found, str):
+        return lines + [f"Not computed: {found}.", ""]
+    matrix, names = found
+    total = sum(map(sum, matrix))
+    lines += ["| class | test examples | predicted as it | recall | precision |", "|---|---|---|---|---|"]
+    for k, name in enumerate(names):
+        support, predicted = sum(matrix[k]), sum(row[k] for row in matrix)
+        recall = f"{matrix[k][k] / support:.3f}" if support else "n/a"
+        precision = f"{matrix[k][k] / predicted:.3f}" if predicted else "n/a"
+        lines.append(f"| {name} | {support} | {predicted} | {recall} | {precision} |")
+    lines += ["", f"{total} test images. Recall: the share of a class's test images the model names correctly "
+              "(the mean over classes is the balanced accuracy); precision: the share of the model's answers for a "
+              "class that are right; n/a where a class has no test images (recall) or is never predicted (precision).",
+              ""]
+    if len(names) <= CONFUSION_CLASSES:
+        lines += ["Confusion matrix (rows: true class, columns: predicted class):", "",
+                  "| true \\ predicted | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| **{name}** | " + " | ".join(f"**{v}**" if j == k else str(v) for j, v in enumerate(row)) + " |"
+                  for k, (name, row) in enumerate(zip(names, matrix))]
+        lines += [""]
+    return lines
 
 
 SCORES = ("accuracy", "balanced_accuracy", "auc", "loss")  # balanced accuracy shows a majority-class model
@@ -177,30 +264,44 @@ def write_report(run, labels: tuple[dict[str, list[int]], list[str]] | None = No
     path = Path(run.path)
     ledger = _jsonl(path / "privacy_ledger.jsonl")
     metrics = _jsonl(path / "metrics.jsonl")
+    status = _json(path / "status.json")
     resolved = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
     lines = [f"# Run report: {path.name}", "",
              f"{len({r['hospital'] for r in ledger})} hospitals, {len(metrics)} round(s) of up to "
-             f"{resolved.get('rounds', '?')}; data `{(resolved.get('data') or {}).get('source', '?')}`.", ""]
+             f"{resolved.get('rounds', '?')}; data `{(resolved.get('data') or {}).get('source', '?')}`"
+             + (f"; the run {status['state']}" if status.get("state") else "") + ".", ""]
     latest = {r['hospital']: r for r in ledger}
     lines += _scores_section(metrics, latest)
-    lines += _privacy_section(ledger)
-    plan = path / "plan.json"
-    if plan.is_file():
-        lines += ["## Plan", "", "```json", plan.read_text().strip(), "```", ""]
+    found = confusion(path, resolved) if metrics else "no round completed"
+    lines += _confusion_section(found)
+    lines += _privacy_section(ledger, path)
+    if (path / "plan.json").is_file():
+        plan = _json(path / "plan.json")
+        lines += _plan_section(plan) if plan else [
+            "## Privacy plan", "", "plan.json is empty: no hospital answered the plan query before round 1 in time "
+            "(each still planned its noise before it trained, and the ledger records what it used).", ""]
+    lines += _audit_section(path)
 
-    figures = [("accuracy.png", "Global model accuracy")]
+    classes = next((int(m["classes"]) for m in reversed(metrics) if "classes" in m), None)
+    if not isinstance(found, str):
+        classes = len(found[1])
+    figures = []
+    if metrics:
+        plots.accuracy_plot(metrics, path / "accuracy.png", classes)
+        figures.append(("accuracy.png", "Global model accuracy"))
     if ledger:
-        epsilon_plot(ledger, path / "epsilon.png")
+        plots.epsilon_plot(ledger, path / "epsilon.png")
         figures.append(("epsilon.png", "Privacy spent per hospital"))
     evaluation = (metrics[-1].get("hospitals_evaluation") if metrics else None) or {}
     if evaluation:
-        _hospital_accuracy_plot(evaluation, path / "report_hospital_accuracy.png")
+        plots.hospital_accuracy_plot(evaluation, path / "report_hospital_accuracy.png", classes)
         figures.append(("report_hospital_accuracy.png", "Accuracy per hospital"))
     if labels:
-        _label_plot(*labels, path / "report_labels.png")
+        plots.label_plot(*labels, path / "report_labels.png")
         figures.append(("report_labels.png", "Label distribution per hospital"))
     lines += ["## Plots", ""]
     lines += [f"![{title}]({name})" + "\n" for name, title in figures if (path / name).is_file()]
+    lines += _provenance_section(path, status, metrics)
     lines += ["## Settings", "", "```yaml", yaml.safe_dump(resolved, sort_keys=False).strip(), "```", ""]
     report = path / "report.md"
     report.write_text("\n".join(lines))
