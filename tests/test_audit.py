@@ -243,7 +243,8 @@ def test_json_output_parses(tmp_path, good_records, capsys):
 def test_plot_writes_png(tmp_path, good_records, capsys):
     path = save(tmp_path / "l.jsonl", good_records)
     png = tmp_path / "eps.png"
-    assert audit.main([str(path), "--plot", str(png), "--accountant", "rdp", "--jobs", "1"]) == 0
+    # The per-round table is printed with --rounds only (the summary comes first, one line per hospital).
+    assert audit.main([str(path), "--plot", str(png), "--accountant", "rdp", "--jobs", "1", "--rounds"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "eps RDP" in out and "eps PLD" not in out
@@ -395,10 +396,13 @@ def test_a_charge_of_this_run_missing_from_the_ledger_is_found_on_the_odometer(t
     from common.privacy import PrivacyEvent
 
     odometer = PrivacyOdometer(tmp_path / "a.jsonl", "a", 8.0, DELTA)
-    odometer.charge(PrivacyEvent(1.0, 0.5, 2), run=7, round_number=1, epsilon_after=1.0)  # an earlier run: not ours
     for record in (r for r in clean_records if r["hospital"] == "a"):
         event = PrivacyEvent(record["noise_multiplier"], record["sampling_rate"], record["steps"])
         odometer.charge(event, run=1, round_number=record["round"], epsilon_after=record["epsilon"])
+    # A later run on the same odometer: not ours, and written after this run's last charge, so
+    # this run's ledger cannot have seen it. (An earlier run's charge would have to be in the
+    # first record's prior_events: tests/test_audit_odometer.py.)
+    odometer.charge(PrivacyEvent(1.0, 0.5, 2), run=7, round_number=1, epsilon_after=1.0)
     # The ledger's last round removed, and every file that would have shown it with it.
     last = max(r["round"] for r in clean_records)
     path = run_dir(tmp_path / "run", [r for r in clean_records if r["round"] != last])
@@ -406,9 +410,11 @@ def test_a_charge_of_this_run_missing_from_the_ledger_is_found_on_the_odometer(t
         (path / name).unlink()
     report = audit.audit_ledger(audit.read_ledger(path), accountant="pld",
                                 context=audit.read_context(path, [tmp_path / "a.jsonl"]))
+    implied = next(r["epsilon"] for r in clean_records if r["hospital"] == "a" and r["round"] == last)
     assert report.discrepancies == [f"round {last}, hospital a: odometer {tmp_path / 'a.jsonl'} holds a charge of "
                                     "this run (20 steps) that the ledger lacks: the hospital spent more than the "
-                                    "ledger says (resume the run to ledger a cut-short round as lost)"]
+                                    f"ledger says (the odometer implies epsilon {implied:.6g} after this round; "
+                                    "resume the run to ledger a cut-short round as lost)"]
     assert any("config.yaml, metrics.jsonl, status.json not found beside the ledger" in n for n in report.notes)
     assert run_cli(path, "--odometer", tmp_path / "a.jsonl", "--jobs", "1").returncode == 1
     # An interrupted run has not ledgered its cut-short round yet: a note, not a discrepancy.

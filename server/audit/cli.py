@@ -17,7 +17,7 @@ from server.audit.reading import LEDGER_NAME, LedgerError, ledger_path, read_con
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, audit, print; returns the exit status. Never a traceback."""
     parser = argparse.ArgumentParser(
-        prog="python -m server.audit",
+        prog=_program_name(),
         description="Recompute every epsilon in a privacy ledger from its mechanism fields alone, and "
                     "compare the ledger with the run's config.yaml, metrics.jsonl and the hospitals' odometers.")
     parser.add_argument("ledger", help=f"a run directory (containing {LEDGER_NAME}) or the ledger file")
@@ -26,9 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", metavar="FILE.png|DIR",
                         help="write cumulative epsilon per hospital to this PNG (a directory: DIR/epsilon.png)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--rounds", action="store_true",
+                        help="also print the per-round table (one line per ledger record); default: the summary only")
     parser.add_argument("--odometer", action="append", default=[], metavar="FILE",
-                        help="a hospital's odometer: every charge of that hospital in the ledger must be in it "
-                             "(repeatable)")
+                        help="a hospital's odometer (a simulation's: ODOMETER_DIR/simulation.jsonl): the ledger must "
+                             "hold exactly its charges of this run, their delta and the earlier charges on the same "
+                             "data (repeatable)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="processes for large ledgers (default: all cores)")
     args = parser.parse_args(argv)
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
-        print(format_report(report, str(ledger_path(args.ledger))))
+        print(format_report(report, str(ledger_path(args.ledger)), rounds=args.rounds))
     return 0 if report.ok else 1
 
 
@@ -69,6 +72,12 @@ def run(argv: list[str] | None = None) -> int:
         print(f"audit: cannot audit this input ({err.__class__.__name__}: {str(err)[:200]}); "
               "check that it is a ledger written by hospital-fl", file=sys.stderr)
         return 2
+
+
+def _program_name() -> str:
+    """How the officer called the audit: `hospital-fl audit` (server/cli.py sets argv[0]) or `python -m server.audit`."""
+    called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return called if called.startswith("hospital-fl") else "python -m server.audit"
 
 
 def _plot_path(given: str) -> Path:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,8 @@ LEDGER_NAME = "privacy_ledger.jsonl"
 RECORD_FIELDS = ("round", "hospital", "status", "noise_multiplier", "sampling_rate", "steps",
                  "sampling", "epsilon", "delta", "max_epsilon", "accountant", "num_examples")
 EVENT_FIELDS = ("noise_multiplier", "sampling_rate", "steps", "sampling")
+EVENT_LISTS = ("prior_events", "added_prior_events")  # optional lists of earlier charges on a record
+UNITS = ("image", "patient")  # the unit of privacy that num_examples counts; a record without one: "image"
 STATUSES = ("trained", "budget_exhausted", "lost")  # lost: charged, but its reply never reached the ledger
 CHARGED = ("trained", "lost")  # statuses whose steps were charged (and compose)
 SAMPLING = "poisson"          # the only sampling the training code runs
@@ -33,6 +36,8 @@ MAX_SIGMA = 1e6               # epsilon is already ~0 far below this
 MAX_EPSILON = 1e6             # a finite epsilon or budget beyond this protects no one (inf: no noise)
 MIN_DELTA = 1e-30
 CONFIG_NAME, METRICS_NAME, STATUS_NAME, PLAN_NAME = "config.yaml", "metrics.jsonl", "status.json", "plan.json"
+CHECKPOINT_STATE = Path("checkpoint") / "state.json"
+SHARD_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class LedgerError(ValueError):
@@ -109,13 +114,19 @@ def _structure(record: dict) -> str | None:
     absent = [name for name in RECORD_FIELDS if name not in record]
     if absent:
         return f"missing field(s) {', '.join(absent)}; every record needs {', '.join(RECORD_FIELDS)}"
-    events = record.get("prior_events", [])
-    if not isinstance(events, list):
-        return "prior_events must be a list of {noise_multiplier, sampling_rate, steps, sampling}"
-    for index, event in enumerate(events):
-        if not isinstance(event, dict) or any(name not in event for name in EVENT_FIELDS):
-            return f"prior_events[{index}] needs the fields {', '.join(EVENT_FIELDS)}"
+    for name in EVENT_LISTS:
+        events = record.get(name, [])
+        if not isinstance(events, list):
+            return f"{name} must be a list of {{noise_multiplier, sampling_rate, steps, sampling}}"
+        for index, event in enumerate(events):
+            if not isinstance(event, dict) or any(key not in event for key in EVENT_FIELDS):
+                return f"{name}[{index}] needs the fields {', '.join(EVENT_FIELDS)}"
     return None
+
+
+def unit_of(record: dict):
+    """The record's unit of privacy: "image" when the field is absent (ledgers before units)."""
+    return record.get("unit", "image")
 
 
 # --------------------------------------------------------------------------- field checks
@@ -179,6 +190,8 @@ def _record_problems(record: dict) -> list[str]:
         problems.append(f"accountant {_short(record['accountant'])}: the canonical figure is 'pld'")
     if not (_is_int(record["num_examples"]) and 0 <= record["num_examples"] <= MAX_EXAMPLES):
         problems.append(f"num_examples {_short(record['num_examples'])} must be an integer from 0 to {MAX_EXAMPLES:.0e}")
+    if unit_of(record) not in UNITS:
+        problems.append(f"unit {_short(unit_of(record))} must be one of {', '.join(UNITS)}")
     return problems
 
 
@@ -186,6 +199,11 @@ def _short(value) -> str:
     """repr, cut short: a hostile ledger's 400-digit number must not flood the report."""
     text = repr(value)
     return text if len(text) <= 40 else text[:20] + f"...({len(text)} characters)"
+
+
+def short_name(name: str) -> str:
+    """A hospital name as shown: whole when it is of a sane length, cut short otherwise."""
+    return name if len(name) <= 60 else name[:40] + f"...({len(name)} characters)"
 
 
 def _valid_delta(delta) -> bool:
@@ -204,6 +222,7 @@ class RunContext:
     odometers: dict[str, list[dict]] = field(default_factory=dict)  # --odometer FILE -> its records
     plans: dict | None = None       # plan.json: each hospital's privacy plan (its budget) before round 1
     missing: list[str] = field(default_factory=list)  # which of the run's files were not there to compare
+    run_id: int | None = None       # the run id every charge of this run carries (checkpoint/state.json)
 
 
 def _json_lines(path: Path) -> list[dict]:
@@ -257,12 +276,68 @@ def read_context(ledger: str | os.PathLike, odometers: list[str] = ()) -> RunCon
         if not isinstance(context.plans, dict):
             raise LedgerError(f"{plan}: expected a JSON object")
     context.missing = [name for name in (CONFIG_NAME, METRICS_NAME, STATUS_NAME) if not (directory / name).is_file()]
+    context.run_id = read_run_id(directory)
     for name in odometers:
         path = Path(name)
         if not path.is_file():
             raise LedgerError(f"--odometer {name}: no such file; pass a hospital's odometer JSON Lines file")
         context.odometers[str(path)] = _json_lines(path)
     return context
+
+
+def read_run_id(directory: Path) -> int | None:
+    """The run id the hospitals charged this run under, or None when the run directory does not say.
+
+    The coordinator sends its first Flower run id with every round ("coordinator-run"), each
+    charge carries it as "run", and the checkpoint keeps the run's Flower run ids, the first
+    one first (server/checkpoint.py's state.json: "flower_runs"). Read from the file format,
+    not imported: the audit trusts no training code. An unreadable checkpoint is no error here:
+    the odometer check then says the run id was inferred."""
+    try:
+        state = json.loads((directory / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+        runs = state["flower_runs"]
+        first = runs[0]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, IndexError, TypeError):
+        return None
+    return first if _is_int(first) else None
+
+
+class ShardFiles:
+    """The simulation's shard files beside an odometer (`shards/<id>.json`: source, form, hashes).
+
+    Restated from client/shards.py's file format and rule, not imported: two simulated shards
+    share accounting when they share an example's hash; shards stored in another form count as
+    sharing when they come from the same source; a missing or unreadable shard file counts as
+    sharing with everything (the conservative side)."""
+
+    def __init__(self, odometer: Path):
+        self.directory = Path(odometer).parent / "shards"
+        self._loaded: dict[str, dict | None] = {}
+
+    def _load(self, shard_id: str) -> dict | None:
+        if shard_id not in self._loaded:
+            info = None
+            if SHARD_ID.fullmatch(shard_id):  # never a path elsewhere
+                try:
+                    raw = json.loads((self.directory / f"{shard_id}.json").read_text(encoding="utf-8"))
+                    info = {"source": str(raw["source"]), "form": str(raw["form"]),
+                            "hashes": frozenset(map(str, raw["hashes"]))}
+                except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
+                    info = None
+            self._loaded[shard_id] = info
+        return self._loaded[shard_id]
+
+    def counts_for(self, own: str | None, line: dict) -> bool:
+        """Whether the charge `line` counts for the data of shard `own` (None: an odometer of one hospital)."""
+        other = line.get("shard")
+        if own is None or not isinstance(other, str) or other == own:
+            return True
+        mine, theirs = self._load(own), self._load(other)
+        if mine is None or theirs is None:
+            return True
+        if mine["form"] != theirs["form"]:
+            return mine["source"] == theirs["source"]
+        return not mine["hashes"].isdisjoint(theirs["hashes"])
 
 
 def odometer_chain_problems(lines: list[dict]) -> list[str]:
