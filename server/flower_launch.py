@@ -1,24 +1,33 @@
 """Flower's side of simulate.py: a private SuperLink in simulation mode, a private Flower
 Configuration naming it, and one `flwr run APP CONNECTION --stream` on the hospital-fl App.
 
-Everything it starts (SuperLink, SuperExec, flwr-simulation, Ray) ends with it. The user's
+Everything it starts (SuperLink, SuperExec, flwr-simulation, Ray) ends with it, however
+simulate.py ends, SIGKILL included: every such process carries the run's marker in its
+environment (RUN_MARKER, inherited by everything below, even the Ray daemons that detach
+from the tree), and a small watchdog process that simulate.py starts first kills every
+process carrying it as soon as simulate.py is gone (see `watch`). The SuperLink and `flwr run`
+also get a parent-death signal, so they go at once. The user's
 own `~/.flwr/config.toml` is never touched: a throw-away FLWR_HOME, unless the user set one.
 Only Flower's public commands are used (flower-superlink, flwr run, flwr list), so any flwr
 within pyproject's range works.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
+from common.durable import DISK_FULL_WORDS, disk_full_line, is_disk_full, naming
 from common.errors import UserError
 from common.tf_env import tf_environment
 
@@ -38,6 +47,125 @@ STARTUP_TIMEOUT = 60.0  # seconds to wait for the private SuperLink to answer
 # SuperLink's log says so with this line, and simulate.py then stops with a clear message.
 RELAUNCH_LOOP = "task-token authentication failed"
 RELAUNCHES_TOLERATED = 10  # ~30-40 s each: minutes of patience on a busy machine, not forever
+# In the environment of every process a simulation starts; its value names the simulation.
+RUN_MARKER = "HOSPITAL_FL_SIMULATION"
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies (Linux)
+WATCH_SECONDS = 1.0  # how often the watchdog lists the simulation's processes
+
+
+def _find_prctl():
+    """libc's prctl, looked up now: a child between fork and exec should do as little as possible."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _find_prctl()
+
+
+def die_with_parent() -> None:
+    """In a child before it execs (Popen's preexec_fn): be killed when simulate.py dies.
+
+    Only for the direct child (what it starts in turn is the watchdog's), and only on Linux;
+    elsewhere the watchdog alone ends the processes.
+    """
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def marked_processes(marker: str) -> list:
+    """Every process whose environment carries this simulation's marker (but this one)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get(RUN_MARKER) == marker:
+                found.append(proc)
+        except psutil.Error:  # gone, a zombie, or not ours to read: nothing of this run
+            continue
+    return found
+
+
+def _family(marker: str) -> dict[int, float]:
+    """{pid: start time} of every marked process and everything below it.
+
+    Below matters: Ray renames its agents (`ray::DashboardAgent`) with setproctitle, which
+    overwrites the environment /proc shows, so they carry no visible marker; they are known
+    as children of a marked raylet."""
+    import psutil
+
+    found = {}
+    for proc in marked_processes(marker):
+        try:
+            for member in [proc, *proc.children(recursive=True)]:
+                found[member.pid] = member.create_time()
+        except psutil.Error:
+            continue
+    return found
+
+
+def kill_family(known: dict[int, float], marker: str, attempts: int = 20) -> int:
+    """SIGKILL every process of this simulation: those seen before (`known`, still the same
+    processes: same start time) and those marked now, again until none is left (a dying Flower
+    or Ray process may start another just before); return how many were killed."""
+    import psutil
+
+    killed = 0
+    for _ in range(attempts):
+        targets = []
+        for pid, started in (known | _family(marker)).items():
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE:
+                    targets.append(proc)
+            except psutil.Error:
+                continue
+        if not targets:
+            break
+        for proc in targets:
+            try:
+                proc.kill()  # no grace: with simulate.py gone, nobody may finish a round unattended
+                killed += 1
+            except psutil.Error:
+                pass
+        psutil.wait_procs(targets, timeout=5)
+    return killed
+
+
+def watch(marker: str) -> None:
+    """The watchdog: until simulate.py closes our stdin (it ended, or was killed: the kernel
+    closes its end either way), keep a list of the simulation's processes; then kill them all.
+
+    It runs in a session of its own and ignores the terminal's signals, so a Ctrl-C or a kill
+    of simulate.py's process group cannot take it down before it has done its job.
+    """
+    import select
+
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
+    known: dict[int, float] = {}
+    stdin = sys.stdin.fileno()
+    while True:
+        ready, _, _ = select.select([stdin], [], [], WATCH_SECONDS)
+        if ready and not os.read(stdin, 4096):
+            break  # end of file: simulate.py is gone
+        known |= _family(marker)  # a process that has ended is checked by its start time at the end
+    kill_family(known, marker)
+
+
+def start_watchdog(marker: str) -> subprocess.Popen:
+    """The watchdog process (`python -m server.flower_launch --watch MARKER`, from ROOT so that
+    `-m` finds the package in the source tree or site-packages alike)."""
+    env = {k: v for k, v in os.environ.items() if k != RUN_MARKER}
+    return subprocess.Popen([sys.executable, "-m", "server.flower_launch", "--watch", marker], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=str(ROOT),
+                            start_new_session=True)
 
 
 
@@ -132,6 +260,9 @@ class Simulation:
         self.flwr_home = Path(user_home) if user_home else Path(tempfile.mkdtemp(prefix="hospital-fl-flwr-"))
         self.own_home = not user_home
         self.env = child_environment(self.flwr_home)
+        self.marker = uuid.uuid4().hex
+        self.env[RUN_MARKER] = self.marker
+        self.watchdog: subprocess.Popen | None = None
         self.superlink: subprocess.Popen | None = None
         self.flwr_run: subprocess.Popen | None = None
         self.run_id: int | None = None
@@ -143,6 +274,8 @@ class Simulation:
 
     # -- start-up -------------------------------------------------------------------------------------
     def start_superlink(self) -> None:
+        # First of all: whatever is started after this ends when simulate.py does.
+        self.watchdog = start_watchdog(self.marker)
         self.port, control = free_ports(2)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         log_file = self.flwr_home / "superlink.log"
@@ -152,7 +285,7 @@ class Simulation:
                    "--disable-runtime-dependency-installation", "--log-file", str(log_file)]
         # Its own session: the terminal's Ctrl-C reaches simulate.py only, which decides what stops.
         self.superlink = subprocess.Popen(command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                          start_new_session=True)
+                                          start_new_session=True, preexec_fn=die_with_parent)
         config_toml = self.flwr_home / "config.toml"
         # A user-set FLWR_HOME may hold the user's own Flower Configuration: put it back at the end.
         self.saved_config = config_toml.read_bytes() if config_toml.is_file() else None
@@ -226,7 +359,8 @@ class Simulation:
         """Run `flwr run --stream`, pass its lines to `show`; return its exit code (None if killed)."""
         app = app_directory(self.flwr_home)
         self.flwr_run = subprocess.Popen(self.flwr_run_command(app), env=self.env, cwd=app, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+                                         stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+                                         preexec_fn=die_with_parent)
         self.watch_for_relaunch_loop()
         for line in self.flwr_run.stdout:
             line = line.rstrip("\n")
@@ -298,12 +432,35 @@ class Simulation:
         psutil.wait_procs(alive, timeout=5)
 
     def save_transcript(self) -> None:
-        if self.out.is_dir() and self.transcript:
-            with open(self.out / "flower.log", "a", encoding="utf-8") as handle:
+        """Flower's lines of this run, added to <run-dir>/flower.log (a full disk: one line, no traceback)."""
+        if not (self.out.is_dir() and self.transcript):
+            return
+        path = self.out / "flower.log"
+        try:
+            with naming(path), open(path, "a", encoding="utf-8") as handle:
                 handle.write("\n".join(self.transcript) + "\n")
+        except OSError as error:
+            why = disk_full_line(error) if is_disk_full(error) else f"cannot write {path}: {error.strerror or error}"
+            print(f"error: {why}; Flower's log of this run is not saved", file=sys.stderr, flush=True)
+
+    def disk_filled(self) -> bool:
+        """Did the ServerApp stop because the disk was full (its one line, in the stream)?"""
+        return any(line.startswith("error: cannot write ") and DISK_FULL_WORDS in line for line in self.transcript)
+
+    def stop_watchdog(self) -> None:
+        """Close the watchdog's stdin: it kills whatever of the run is left (a Ray daemon that
+        left the tree) and exits; wait for it, so nothing runs once simulate.py returns."""
+        if self.watchdog is None:
+            return
+        try:
+            self.watchdog.stdin.close()
+            self.watchdog.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            kill_family({}, self.marker)  # the watchdog is stuck: do its job here
 
     def cleanup(self) -> None:
         self.shutdown()
+        self.stop_watchdog()
         self.save_transcript()
         if self.own_home:
             shutil.rmtree(self.flwr_home, ignore_errors=True)
@@ -320,3 +477,7 @@ def _executable(name: str) -> str:
     if found is None:
         raise UserError(f"cannot find Flower's `{name}` command: install hospital-fl's dependencies (flwr[simulation])")
     return found
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--watch"]:
+    watch(sys.argv[2])
