@@ -3,13 +3,33 @@ the coordinator's log, rejected replies, checkpoints and the run's outcome (stat
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import yaml
 
-from common.durable import append_line, replace_file
+from common.durable import append_line, is_disk_full, replace_file
 from common.errors import UserError
+
+
+STATUS_RESERVE = 4096  # bytes status.json always takes: room to say, on a full disk, why the run stopped
+
+
+def _overwrite_within_blocks(path: Path, data: bytes) -> bool:
+    """Write `data` over `path` in place when it is no longer than the file (padded to its length,
+    so no new block is needed); True if done."""
+    try:
+        size = path.stat().st_size
+        if len(data) > size:
+            return False
+        with open(path, "r+b") as handle:
+            handle.write(data.rstrip() + b" " * (size - 1 - len(data.rstrip())) + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+    except OSError:
+        return False
 
 
 class RunDirectory:
@@ -52,10 +72,21 @@ class RunDirectory:
         return run
 
     def write_status(self, status: dict) -> None:
-        """status.json, replaced atomically (readers never see half a file)."""
+        """status.json, replaced atomically (readers never see half a file).
+
+        On a full disk there is no room for the new copy, yet this is the file that must say the
+        run stopped for lack of space. So every copy is padded with spaces (which JSON ignores)
+        to STATUS_RESERVE bytes, and on a full disk the new content is written over the old in
+        place: the same length, so no block is allocated and the file is never cut short."""
         if self.simulated is not None:
             status = status | {"simulated": self.simulated}
-        replace_file(self.status, json.dumps(status, indent=2).encode())
+        data = json.dumps(status, indent=2).encode()
+        data += b" " * (STATUS_RESERVE - 1 - len(data)) + b"\n"
+        try:
+            replace_file(self.status, data)
+        except OSError as error:
+            if not (is_disk_full(error) and _overwrite_within_blocks(self.status, data)):
+                raise
 
     def rewrite_metrics(self, records: list[dict]) -> None:
         """metrics.jsonl as exactly `records` (on resume: drop rounds after the checkpoint)."""

@@ -174,12 +174,11 @@ def outcome(out: Path, succeeded: bool | None, interrupted: bool) -> int:
 
 def _mark_failed(out: Path, reason: str) -> None:
     """Record in status.json that a run the ServerApp left "running" failed (what it would have written)."""
-    from common.durable import replace_file
+    from server.run_dir import RunDirectory
 
     try:
         status = json.loads((out / "status.json").read_text())
-        replace_file(out / "status.json", json.dumps(status | {"state": "failed", "exit_code": 1, "reason": reason},
-                                                     indent=2).encode())
+        RunDirectory(out).write_status(status | {"state": "failed", "exit_code": 1, "reason": reason})
     except (ValueError, TypeError, OSError):
         pass
 
@@ -268,7 +267,8 @@ def main(argv=None) -> int:
         if _written_state(out) == "running":
             reason = next(line for line in simulation.transcript if DISK_FULL_WORDS in line)[len("error: "):]
             _mark_failed(out, reason)
-            if _written_state(out) == "running":
+            said = any("could not be written either" in line for line in simulation.transcript)  # the ServerApp's
+            if _written_state(out) == "running" and not said:
                 print(f"error: {out / 'status.json'} still says running: it could not be rewritten ({reason})",
                       file=sys.stderr)
         return 1

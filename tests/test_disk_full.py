@@ -84,6 +84,19 @@ def test_when_status_json_cannot_be_written_either_a_second_line_says_so(tmp_pat
     assert json.loads(run.status.read_text()) == {"state": "running"}  # the old file stands
 
 
+def test_status_json_keeps_room_to_say_the_disk_is_full(tmp_path, capsys):
+    # Every copy of status.json is padded, so that on a full disk (no room for a new copy) the
+    # reason can still be written over the old one in place.
+    run = RunDirectory(tmp_path)
+    run.write_status({"state": "running", "rounds_completed": 1, "exit_code": 1, "reason": "the run has not finished"})
+    _replacement_on_full_disk(run.status)
+    server_app._stop_on_full_disk(run, OSError(28, os.strerror(28), str(run.metrics)), 1, _strategy())
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1  # status.json said it: no second line
+    status = json.loads(run.status.read_text())
+    assert status["state"] == "failed" and FULL in status["reason"], status
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
 def _record(round_number: int, hospital: str) -> dict:
     return {"round": round_number, "hospital": hospital, "status": "trained", "noise_multiplier": 1.0,
             "sampling_rate": 0.1, "steps": 10, "sampling": "poisson", "epsilon": 0.5 * round_number, "delta": 1e-5,
