@@ -15,6 +15,7 @@ from pathlib import Path
 
 # A write that fails for lack of space: ENOSPC, or EDQUOT when a quota is what is full.
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_WORDS = "no space left on the device"  # in every disk-full line (disk_full_line)
 BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise translate newlines
 
 
@@ -93,7 +94,7 @@ def is_disk_full(error: BaseException) -> bool:
 def disk_full_line(error: OSError) -> str:
     """One line for the user: which file could not be written, and that the disk is full."""
     where = error.filename or "a file of the run"
-    return f"cannot write {where}: no space left on the device"
+    return f"cannot write {where}: {DISK_FULL_WORDS}"
 
 
 @contextlib.contextmanager
