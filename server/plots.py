@@ -18,6 +18,7 @@ must not import training code, can use it.
 """
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from pathlib import Path
@@ -82,21 +83,35 @@ def save(figure, path) -> Path:
     return Path(path)
 
 
-def epsilon_figure(ledger_records: list[dict]):
+def _number(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def epsilon_figure(ledger_records: list[dict], ylabel: str = "cumulative epsilon (all runs on this data)"):
     """Cumulative epsilon against round per hospital, from ledger records (hospital, round, epsilon,
-    max_epsilon, delta); the budget as a line. Returns the figure."""
+    max_epsilon, delta); the budget as a line. Records whose epsilon or round is not a number are
+    left out; an infinite epsilon (zero noise) leaves a gap. Returns the figure."""
     plt = _pyplot()
-    by = {(str(r["hospital"]), int(r["round"])): float(r["epsilon"]) for r in ledger_records}
+    ledger_records = [r for r in ledger_records if _number(r.get("epsilon")) is not None
+                      and isinstance(r.get("round"), int) and not isinstance(r.get("round"), bool)]
+    by = {(str(r["hospital"]), r["round"]): _number(r["epsilon"]) for r in ledger_records}
+    by = {key: (value if math.isfinite(value) else math.nan) for key, value in by.items()}
     hospitals = sorted({h for h, _ in by}, key=natural)
     rounds = sorted({n for _, n in by})
-    budgets = sorted({float(r["max_epsilon"]) for r in ledger_records if r.get("max_epsilon") is not None})
-    deltas = sorted({float(r["delta"]) for r in ledger_records if r.get("delta") is not None})
+    budgets = sorted({b for r in ledger_records if (b := _number(r.get("max_epsilon"))) is not None
+                      and math.isfinite(b)})
+    deltas = sorted({d for r in ledger_records if (d := _number(r.get("delta"))) is not None})
     series = {h: [(n, by[h, n]) for n in rounds if (h, n) in by] for h in hospitals}
-    finite = [e for e in by.values() if e != float("inf")]
+    finite = [e for e in by.values() if math.isfinite(e)]
     top = max(finite + budgets + [1e-9])
     figure, axis = _figure(plt)
-    per_round = [[by[h, n] for h in hospitals if (h, n) in by] for n in rounds]
-    spread = max((max(v) - min(v) for v in per_round if v), default=0.0)
+    per_round = [[by[h, n] for h in hospitals if (h, n) in by and math.isfinite(by[h, n])] or [math.nan]
+                 for n in rounds]
+    spread = max((max(v) - min(v) for v in per_round if not math.isnan(v[0])), default=0.0)
     if len(hospitals) > LISTED or (len(hospitals) > 1 and spread <= COINCIDE * top):
         lows, highs = [min(v) for v in per_round], [max(v) for v in per_round]
         middle = [statistics.median(v) for v in per_round]
@@ -107,7 +122,7 @@ def epsilon_figure(ledger_records: list[dict]):
         axis.fill_between(rounds, lows, highs, color="tab:blue", alpha=0.25, label="min-max band")
         axis.plot(rounds, middle, color="tab:blue", marker="o", markersize=3, label=what)
         last = rounds[-1]
-        final = {h: by[h, last] for h in hospitals if (h, last) in by}
+        final = {h: by[h, last] for h in hospitals if (h, last) in by and math.isfinite(by[h, last])}
         if final:
             low, high = min(final, key=final.get), max(final, key=final.get)
             note = (f"round {last}: highest {high} {final[high]:.3f}, lowest {low} {final[low]:.3f}"
@@ -124,7 +139,7 @@ def epsilon_figure(ledger_records: list[dict]):
         if len(budgets) > 1:  # which dashed line is which
             axis.text(0.1, budget, f"budget {budget:g}", color=BUDGET_STYLE["color"], fontsize=8, va="bottom")
     title = "Privacy spent per hospital" + (f" (delta = {deltas[0]:g})" if len(deltas) == 1 else "")
-    axis.set(xlabel="round", ylabel="cumulative epsilon (all runs on this data)", title=title)
+    axis.set(xlabel="round", ylabel=ylabel, title=title)
     axis.set_ylim(0, top * 1.08)
     _integer_rounds(axis, rounds)
     _legend(axis)
@@ -202,9 +217,9 @@ def label_figure(counts: dict[str, list[int]], class_names: list[str]):
     return figure
 
 
-def epsilon_plot(ledger_records: list[dict], path) -> Path:
+def epsilon_plot(ledger_records: list[dict], path, ylabel: str = "cumulative epsilon (all runs on this data)") -> Path:
     """epsilon_figure as a PNG at `path` (the audit's `--plot` and report.md's epsilon.png)."""
-    return save(epsilon_figure(ledger_records), path)
+    return save(epsilon_figure(ledger_records, ylabel), path)
 
 
 def accuracy_plot(metrics_records: list[dict], path, classes: int | None = None) -> Path:

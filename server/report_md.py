@@ -54,11 +54,6 @@ def _order(names):
     return sorted(names, key=plots.natural)
 
 
-def epsilon_plot(ledger: list[dict], path: Path) -> None:
-    """Cumulative epsilon against round (kept for callers of the old name: server/plots.py draws it)."""
-    plots.epsilon_plot(ledger, path)
-
-
 def _file_time(path: Path) -> str | None:
     return now_utc(path.stat().st_mtime) if path.is_file() else None
 

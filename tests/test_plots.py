@@ -99,4 +99,17 @@ def test_plots_import_nothing_that_trains():
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= {"__future__", "re", "statistics", "pathlib", "matplotlib"}, imported
+    assert imported <= {"__future__", "math", "re", "statistics", "pathlib", "matplotlib"}, imported
+
+
+def test_an_infinite_or_unreadable_epsilon_leaves_a_gap_not_a_crash(tmp_path):
+    """The audit draws recomputed figures: zero noise is inf, an unrecomputable one None."""
+    records = _ledger([0, 1], 4, lambda i, n: 0.5 * n + i)
+    records[2]["epsilon"] = float("inf")
+    records[3]["epsilon"] = None
+    records.append({"hospital": "hospital-0", "round": "5", "epsilon": 9.0, "max_epsilon": 3.0, "delta": 1e-5})
+    figure = plots.epsilon_figure(records, ylabel="cumulative epsilon (PLD, recomputed)")
+    axis = figure.axes[0]
+    assert axis.get_ylabel() == "cumulative epsilon (PLD, recomputed)"
+    assert 3.0 < axis.get_ylim()[1] < 9.0  # the string round is left out; inf does not stretch the axis
+    assert plots.save(figure, tmp_path / "epsilon.png").stat().st_size > 3000

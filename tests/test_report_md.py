@@ -212,3 +212,41 @@ def test_the_run_directorys_model_keras_loads_with_plain_tf_keras(real_run, tmp_
         "model(np.load(sys.argv[2]), training=False).numpy())", "model.count_params())"), str(real_run / "model.keras")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_provenance_reads_versions_and_flowers_run_with_its_app_bundle_hash(monkeypatch):
+    from flwr.supercore.run import Run
+
+    from server import provenance as provenance_module
+
+    monkeypatch.setattr(provenance_module, "_FLOWER_RUN", {})  # this process's memory, restored afterwards
+
+    run = Run.create_empty(run_id=42)
+    run.fab_id, run.fab_version, run.fab_hash = "hospital-fl/hospital-fl", "0.1.0", "ab" * 32
+    run.running_at = "2026-12-02 16:00:00.000000+00:00"
+    grid = SimpleNamespace(run=run)  # what flwr.serverapp.Grid.run gives the ServerApp
+    facts = provenance_module.provenance(grid)
+    assert facts["flower_run"] == {"run_id": 42, "fab_id": "hospital-fl/hospital-fl", "fab_version": "0.1.0",
+                                   "fab_hash": "ab" * 32, "running_at": "2026-12-02 16:00:00.000000+00:00"}
+    assert facts["versions"]["flwr"] == importlib.metadata.version("flwr")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", facts["written_at"])
+    provenance_module.note_flower_run(grid)  # remembered for status.json's later writes
+    assert provenance_module.provenance()["flower_run"]["fab_hash"] == "ab" * 32
+    assert provenance_module.flower_run_facts(SimpleNamespace()) == {}  # no run bound: nothing, not an error
+
+
+def test_report_prints_the_provenance_status_json_recorded(tmp_path):
+    _fake_run(tmp_path, hospitals=2, rounds=2)
+    recorded = {"versions": {"hospital-fl": "0.1.0", "flwr": "1.42.0", "tensorflow": "2.21.0", "tf-keras": "2.21.0",
+                             "dp-accounting": "0.6.0", "tensorflow-privacy": None},
+                "python": "3.11.7", "flower_run": {"run_id": 7, "fab_id": "hospital-fl/hospital-fl",
+                                                   "fab_version": "0.1.0", "fab_hash": "cd" * 32},
+                "started_at": "2026-12-02T16:00:00Z", "written_at": "2026-12-02T16:05:00Z"}
+    (tmp_path / "status.json").write_text(json.dumps({"state": "finished", "rounds_completed": 2,
+                                                      "provenance": recorded}))
+    text = write_report(SimpleNamespace(path=tmp_path)).read_text()
+    rows = dict(row[:2] for row in _table(text, "| | |"))
+    assert rows["tensorflow-privacy"] == "not installed" and rows["dp-accounting"] == "0.6.0"
+    assert rows["app bundle (FAB) sha256"] == f"`{'cd' * 32}`"
+    assert rows["started (UTC)"] == "2026-12-02T16:00:00Z" and rows["ended (UTC)"] == "2026-12-02T16:05:00Z"
+    assert "from status.json" in text
