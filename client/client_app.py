@@ -156,6 +156,7 @@ def train(msg: Message, context: Context) -> Message:
         "status": outcome.status,
         "sampling": outcome.event.sampling,
         "accountant": "pld",
+        "unit": site.unit,  # what num-examples counts and each epsilon protects: "image" or "patient"
         "prior-events": json.dumps([event.to_dict() for event in outcome.prior_events]),
     })
     content = RecordDict({"metrics": metrics, "privacy": privacy})

@@ -73,7 +73,7 @@ class Reservation:
     charged: bool  # False: the round would pass the budget and nothing was written
     epsilon_after: float  # epsilon with this round's event (whether charged or not)
     spent: float  # epsilon after the decision (== epsilon_after when charged)
-    prior: list[PrivacyEvent]  # charges on this data before this run
+    prior: list[PrivacyEvent]  # counted charges that are not this hospital's own in this run (prior_events)
 
 
 class PrivacyOdometer:
@@ -171,9 +171,27 @@ class PrivacyOdometer:
 
     # ------------------------------------------------------------------ accounting
 
-    def events(self, exclude_run: int | None = None) -> list[PrivacyEvent]:
-        """Every event charged on this data, optionally without those of one run."""
-        return [PrivacyEvent.from_dict(r) for r in self.records if exclude_run is None or r.get("run") != exclude_run]
+    def events(self) -> list[PrivacyEvent]:
+        """Every event counted for this data: what its epsilon composes."""
+        return [PrivacyEvent.from_dict(r) for r in self.records]
+
+    def prior_events(self, run: int) -> list[PrivacyEvent]:
+        """Every counted event except this hospital's own charges of `run`.
+
+        One accounting view: this is exactly what the plan starts from, what a reply carries
+        as its prior events and what the coordinator and the audit compose with the run's own
+        rounds. It holds earlier runs, and also charges that appear while the run goes on (a
+        concurrent run on this odometer, or another simulated shard that shares images), so
+        it may grow between rounds but never shrinks: the odometer is append-only.
+        """
+        return [PrivacyEvent.from_dict(r) for r in self.records if not self._own(r, run)]
+
+    def own_records(self, run: int) -> list[dict]:
+        """This hospital's own charges of `run`, in order."""
+        return [r for r in self.records if self._own(r, run)]
+
+    def _own(self, record: dict, run: int) -> bool:
+        return record.get("run") == run and record.get("hospital") == self.hospital
 
     def spent(self) -> float:
         """Epsilon of everything charged so far."""
@@ -198,7 +216,7 @@ class PrivacyOdometer:
     def reserve(self, event: PrivacyEvent, run: int, round_number: int) -> Reservation:
         """Under the lock: re-read, check the budget, and charge `event` if it fits."""
         with self.locked():
-            prior = self.events(exclude_run=run)
+            prior = self.prior_events(run)
             after = self.epsilon_after(event)
             # `not (after <= max)`: a NaN figure is refused, never treated as within budget.
             if not after <= self.max_epsilon:

@@ -20,6 +20,7 @@ from client.split import hospital_split
 from common.config import MAX_PLANNED_EPOCHS, MIN_NOISE, RANGES, Config, ModelConfig
 from common.data import BAD_IMAGE_POLICIES, load_dataset
 from common.dp_sgd import DPSGDEngine, scheduled_learning_rate
+from common.duplicates import privacy_units
 from common.errors import UserError
 from common.federation import load_federation
 from common.metrics import evaluate_model
@@ -43,6 +44,18 @@ class HospitalSite:
     num_classes: int
     odometer: PrivacyOdometer
     evaluate: bool = True  # the hospital's switch for federated evaluation on its held-out split
+    # Each training image's unit of privacy 0..P-1 when the data names patients (a patient, or
+    # patients merged by an identical image: common/duplicates.py); None: the unit is the image.
+    train_units: np.ndarray | None = None
+
+    @property
+    def unit(self) -> str:
+        return "image" if self.train_units is None else "patient"
+
+    @property
+    def num_units(self) -> int:
+        """n of the accounting: patients when known, else images."""
+        return len(self.train_y) if self.train_units is None else int(self.train_units.max()) + 1
 
 
 class SettingsError(UserError):
@@ -97,8 +110,8 @@ class TrainOutcome:
     status: str  # "trained" | "budget_exhausted"
     event: PrivacyEvent  # steps == 0 when declined
     epsilon: float  # cumulative, after this round
-    prior_events: list[PrivacyEvent]  # spend on this data before this run
-    num_examples: int
+    prior_events: list[PrivacyEvent]  # counted spend that is not this hospital's own in this run
+    num_examples: int  # units of privacy (patients when known, else images)
     can_train_again: bool  # would one more identical round still fit the budget?
     epsilon_needed: float = 0.0  # what the round would have cost in total (public: from public parameters)
     weights: list[np.ndarray] | None = None
@@ -149,7 +162,8 @@ def simulation_site(config: Config, partition_id: int) -> HospitalSite:
 
     federation = load_federation(config)
     shard = federation.shards[partition_id]
-    _check_delta(shard.name, config.privacy.delta, len(shard.train_y))
+    units = shard.train_units
+    _check_delta(shard.name, config.privacy.delta, len(shard.train_y) if units is None else int(units.max()) + 1)
     legacy = sorted(Path(config.privacy.odometer_dir).glob("hospital-*.jsonl"))
     if legacy:  # per-name odometers of an earlier version cannot be matched to images: never ignore them
         raise OdometerError(f"{legacy[0].parent} holds per-hospital odometers of an earlier version "
@@ -165,7 +179,7 @@ def simulation_site(config: Config, partition_id: int) -> HospitalSite:
         shard_filter=registry.overlap_filter(shard_id), extra={"shard": shard_id},
     )
     site = HospitalSite(shard.name, shard.train_x, shard.train_y, shard.eval_x, shard.eval_y,
-                        federation.dataset.num_classes, odometer)
+                        federation.dataset.num_classes, odometer, train_units=units)
     _announce(site, "shared by the simulated hospitals; each counts every charge on data overlapping its shard")
     return site
 
@@ -245,6 +259,7 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
             text = text.replace(run_key, f"the node config's {node_key}")
         raise UserError(text) from None
     train_x, train_y = dataset.train_x, dataset.train_y
+    units = privacy_units(dataset.train_patients, dataset.train_groups)
     hashes = _hashes(train_x, train_y)
     if dataset.test_x is not None and len(dataset.test_x):
         eval_x, eval_y = dataset.test_x, dataset.test_y
@@ -257,13 +272,14 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
                                              eval_fraction, seed, prepared, groups=dataset.train_groups)
         train_x, train_y, eval_x, eval_y = train_x[train_idx], train_y[train_idx], train_x[eval_idx], train_y[eval_idx]
         hashes = [hashes[i] for i in train_idx]
+        units = None if units is None else np.unique(units[train_idx], return_inverse=True)[1]
     if len(train_y) == 0:
         raise UserError(f"{name} has no training examples in {node_config['data-path']}")
-    _check_delta(name, delta, len(train_y))
+    _check_delta(name, delta, len(train_y) if units is None else int(units.max()) + 1)
     odometer = PrivacyOdometer(odometer_path, name, max_epsilon, delta,
                                data_fingerprint=fingerprint(hashes))
     evaluate = _switch(node_config, "evaluate", default=True)
-    site = HospitalSite(name, train_x, train_y, eval_x, eval_y, dataset.num_classes, odometer, evaluate)
+    site = HospitalSite(name, train_x, train_y, eval_x, eval_y, dataset.num_classes, odometer, evaluate, units)
     _announce(site, "this hospital's own")
     return site
 
@@ -311,9 +327,9 @@ def _local_log(site: HospitalSite, record: dict) -> None:
 
 def _batch(site: HospitalSite, settings: TrainSettings) -> int:
     """The hospital's expected batch; refused when it holds fewer examples than one batch."""
-    batch = expected_batch_size(settings.batch_size, len(site.train_y))
-    if len(site.train_y) < batch:
-        raise UserError(f"{site.name} holds {len(site.train_y)} training examples, fewer than one batch "
+    batch = expected_batch_size(settings.batch_size, site.num_units)
+    if site.num_units < batch:
+        raise UserError(f"{site.name} holds {site.num_units} training {site.unit}s, fewer than one batch "
                         f"({batch}): lower train.batch_size or add data")
     return batch
 
@@ -328,16 +344,15 @@ def noise_plan(site: HospitalSite, settings: TrainSettings, run_id: int, round_n
     constant within a run. None when the budget left cannot fund a useful round.
     """
     odometer = site.odometer
-    q = sampling_rate_for(settings.batch_size, len(site.train_y))
+    q = sampling_rate_for(settings.batch_size, site.num_units)
     steps = steps_for(settings.local_epochs, q)
-    prior = odometer.events(exclude_run=run_id)
+    prior = odometer.prior_events(run_id)
     rounds_left = max(1, int(settings.planned_rounds) - round_number + 1)
     if settings.noise_multiplier != "auto":
         sigma = float(settings.noise_multiplier)
         return NoisePlan(sigma, q, steps, rounds_left, epsilon(prior, odometer.delta),
                          epsilon(prior + [PrivacyEvent(sigma, q, steps * rounds_left)], odometer.delta))
-    this_run = [r for r in odometer.records
-                if r.get("run") == run_id and r.get("hospital") == site.name and int(r.get("steps", 0)) > 0]
+    this_run = [r for r in odometer.own_records(run_id) if int(r.get("steps", 0)) > 0]
     if this_run:
         sigma = float(this_run[0]["noise_multiplier"])
         return NoisePlan(sigma, q, steps, rounds_left, epsilon(prior, odometer.delta),
@@ -350,8 +365,8 @@ def plan_summary(site: HospitalSite, settings: TrainSettings, run_id: int) -> di
     """What the hospital will do this run (public: computed from public parameters and n)."""
     _batch(site, settings)
     plan = noise_plan(site, settings, run_id, 1)
-    q = sampling_rate_for(settings.batch_size, len(site.train_y))
-    summary = {"num-examples": len(site.train_y), "sampling-rate": q,
+    q = sampling_rate_for(settings.batch_size, site.num_units)
+    summary = {"num-examples": site.num_units, "unit": site.unit, "sampling-rate": q,
                "steps-per-round": steps_for(settings.local_epochs, q),
                "epsilon-before": site.odometer.spent(), "max-epsilon": site.odometer.max_epsilon,
                "delta": site.odometer.delta}
@@ -373,7 +388,7 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
     `declined_before`: the hospital declined an earlier round of this run, so it declines again.
     """
     batch = _batch(site, settings)
-    num_examples = len(site.train_y)
+    num_examples = site.num_units  # what q and the accountant count: patients when known
     plan = None if declined_before else noise_plan(site, settings, run_id, round_number)
     if plan is None:
         q = sampling_rate_for(settings.batch_size, num_examples)
@@ -387,7 +402,7 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
         declined = PrivacyEvent(limit, q, 0)
         needed = site.odometer.epsilon_after(PrivacyEvent(limit, q, steps_for(settings.local_epochs, q)))
         return TrainOutcome("budget_exhausted", declined, site.odometer.spent(),
-                            site.odometer.events(exclude_run=run_id), num_examples, False, epsilon_needed=needed)
+                            site.odometer.prior_events(run_id), num_examples, False, epsilon_needed=needed)
     event = PrivacyEvent(plan.noise_multiplier, plan.sampling_rate, plan.steps_per_round)
     # What the coordinator's settings or weights could make fail, fails before the charge.
     learning_rate = scheduled_learning_rate(settings.learning_rate, settings.lr_schedule, round_number,
@@ -410,7 +425,8 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
     carried = engine.set_velocity(velocity)  # zeros first: never another hospital's momentum
     engine.learning_rate = learning_rate
     engine.noise_multiplier = event.noise_multiplier
-    stats = engine.train(site.train_x, site.train_y, sampling_rate=event.sampling_rate, steps=event.steps)
+    stats = engine.train(site.train_x, site.train_y, sampling_rate=event.sampling_rate, steps=event.steps,
+                         units=site.train_units)
     log.info("%s round %d: %d DP-SGD steps in %.2f s, local train loss %.4f (not released)",
              site.name, round_number, stats.steps, stats.seconds, stats.mean_loss)
     _local_log(site, {"run": run_id, "round": round_number, "steps": stats.steps,

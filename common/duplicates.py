@@ -156,3 +156,14 @@ def across_hospitals(datasets: list[Dataset], names: list[str]) -> list[Dataset]
                                              "images of an earlier hospital's (one image, one hospital)"]
         out.append(dataset)
     return out
+
+
+def privacy_units(patients: np.ndarray | None, groups: np.ndarray | None) -> np.ndarray | None:
+    """Dense unit ids 0..P-1 for the training images, or None when the data names no patient.
+
+    The unit is the image's group: its patient, joined with any other patient holding an
+    identical image (the copy is one record of both), so a unit's clipped contribution bounds
+    every one of its patients' whole contribution."""
+    if patients is None or groups is None:
+        return None
+    return np.unique(groups, return_inverse=True)[1].astype(np.int64)

@@ -15,7 +15,7 @@ import numpy as np
 
 from common.config import Config, from_dict, to_dict
 from common.data import Dataset, load_dataset, load_hospital_paths
-from common.duplicates import across_hospitals, sets_within, subset
+from common.duplicates import across_hospitals, privacy_units, sets_within, subset
 from common.partition import check_shards, holdout_split, partition, split_test
 
 
@@ -29,6 +29,7 @@ class Shard:
     eval_x: np.ndarray
     eval_y: np.ndarray
     identical_sets: int = 0  # sets of identical images it holds (each set whole, common/duplicates.py)
+    train_units: np.ndarray | None = None  # each training image's patient unit 0..P-1; None: the image is the unit
 
 
 @dataclass
@@ -65,7 +66,14 @@ def _shard(name, own: Dataset, fraction, seed) -> Shard:
     train_idx, eval_idx = holdout_split(np.arange(len(own.train_y)), fraction, seed=seed, groups=own.train_groups)
     x, y = own.train_x, own.train_y
     return Shard(name, x[train_idx], y[train_idx], x[eval_idx], y[eval_idx],
-                 sets_within(own.identical_sets, np.arange(len(y))))
+                 sets_within(own.identical_sets, np.arange(len(y))), _units(own, train_idx))
+
+
+def _units(dataset: Dataset, train: np.ndarray) -> np.ndarray | None:
+    """The privacy units of the training images at `train`: patients (whole, as every split keeps them)."""
+    if dataset.train_patients is None:
+        return None
+    return privacy_units(dataset.train_patients[train], dataset.train_groups[train])
 
 
 def _pool_and_test(dataset: Dataset, config: Config):
@@ -134,7 +142,7 @@ def build_federation(config: Config) -> Federation:
         x, y = dataset.train_x, dataset.train_y
         test_x, test_y = _test_set(dataset, test)
         shards = [Shard(name, x[train], y[train], x[held], y[held],
-                        sets_within(dataset.identical_sets, np.concatenate([train, held])))
+                        sets_within(dataset.identical_sets, np.concatenate([train, held])), _units(dataset, train))
                   for name, (train, held) in zip(names, hospitals)]
         federation = Federation(_without_training_images(dataset), test_x, test_y, shards)
     check_shards([s.train_y for s in federation.shards], names, config.train.batch_size)

@@ -4,9 +4,15 @@ Fields of every record (the public contract; `python -m server.audit` reads only
   round, hospital, status ("trained" | "budget_exhausted" | "lost"), noise_multiplier,
   sampling_rate (Poisson rate per step), steps (DP-SGD steps this round), sampling
   ("poisson"), epsilon (cumulative after this round), delta, max_epsilon (the hospital's
-  own budget), accountant ("pld"), num_examples; and on each hospital's first record,
+  own budget), accountant ("pld"), num_examples (units of privacy), unit ("image" or
+  "patient": what num_examples counts and each epsilon protects); and on each hospital's first record,
   prior_events: [{noise_multiplier, sampling_rate, steps, sampling}, ...] for spend on the
-  same data before this ledger began. common/privacy.py documents the canonical composition.
+  same data before this ledger began. Optional on any record: added_prior_events, the same
+  kind of list for charges that entered the hospital's odometer view during the run (a
+  concurrent run on the same odometer, a simulated shard sharing images), first carried by
+  that round's reply. A hospital's epsilon at a record composes its first record's
+  prior_events, every added_prior_events up to that record, and its own records with
+  steps > 0 up to it (`history`); common/privacy.py documents the canonical composition.
 
 Status "lost" marks a charge the hospital made for a round whose reply never counted (it
 failed, timed out or was rejected after the odometer was charged, or the coordinator stopped
@@ -18,12 +24,14 @@ reason, in rejected.jsonl beside the ledger, not here.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from common.durable import append_line
+from common.privacy import PrivacyEvent
 
 FIELDS = ("round", "hospital", "status", "noise_multiplier", "sampling_rate", "steps", "sampling",
-          "epsilon", "delta", "max_epsilon", "accountant", "num_examples")
+          "epsilon", "delta", "max_epsilon", "accountant", "num_examples", "unit")
 
 
 class PrivacyLedger:
@@ -35,14 +43,17 @@ class PrivacyLedger:
         if self.path.exists():
             self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def append(self, record: dict, prior_events: list[dict]) -> dict:
+    def append(self, record: dict, prior_events: list[dict], added_prior_events: list[dict] = ()) -> dict:
         """Write one record (adding prior_events on the hospital's first) and fsync it."""
+        record = {"unit": "image"} | record  # a record of an older ledger (resumed): images were the unit
         missing = [name for name in FIELDS if name not in record]
         if missing:
             raise ValueError(f"ledger record lacks {missing}")
         record = {name: record[name] for name in FIELDS}
         if not any(r["hospital"] == record["hospital"] for r in self.records):
             record["prior_events"] = prior_events
+        if added_prior_events:
+            record["added_prior_events"] = list(added_prior_events)
         append_line(self.path, json.dumps(record))
         self.records.append(record)
         return record
@@ -54,3 +65,34 @@ class PrivacyLedger:
     def latest(self) -> dict[str, dict]:
         """Each hospital's most recent record."""
         return {record["hospital"]: record for record in self.records}
+
+    def known_prior(self, hospital: str) -> list[PrivacyEvent]:
+        """The spend not of this hospital's own rounds that the ledger holds: prior and added events."""
+        events = []
+        for record in self.records:
+            if record["hospital"] == hospital:
+                events += [PrivacyEvent.from_dict(e) for e in record.get("prior_events", [])]
+                events += [PrivacyEvent.from_dict(e) for e in record.get("added_prior_events", [])]
+        return events
+
+    def history(self, hospital: str) -> list[PrivacyEvent]:
+        """Every event the hospital's latest epsilon composes: known prior spend and its own rounds."""
+        own = [PrivacyEvent.from_dict(r) for r in self.records if r["hospital"] == hospital and r["steps"] > 0]
+        return self.known_prior(hospital) + own
+
+
+def added_events(reported: list[PrivacyEvent], known: list[PrivacyEvent]) -> list[PrivacyEvent] | None:
+    """The reported prior events beyond the known ones (as multisets); None when some known one is missing.
+
+    An odometer only grows: a reply whose prior events lack one the ledger already holds did not
+    come from the hospital's odometer."""
+    extra = Counter(reported)
+    extra.subtract(Counter(known))
+    if any(count < 0 for count in extra.values()):
+        return None
+    added = []
+    for event in reported:  # in the reply's order, each extra occurrence once
+        if extra[event] > 0:
+            extra[event] -= 1
+            added.append(event)
+    return added

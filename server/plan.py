@@ -3,12 +3,14 @@
 With `dp.noise_multiplier: auto` each hospital chooses its own noise from its own facts (its
 examples, budget, delta and odometer); the coordinator only learns the result. The plan
 travels as a query message and holds public numbers only: the example count (public
-metadata), q, steps per round, the planned sigma and the epsilon it leads to.
+metadata), its unit of privacy (image, or patient when its data names patients), q, steps per
+round, the planned sigma and the epsilon it leads to.
 """
 from __future__ import annotations
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from server.replies import UNITS
 from server.strategy import failure_category
 
 
@@ -26,15 +28,16 @@ def ask_plans(grid, node_ids: list[int], train_config: ConfigRecord,
             continue
         record = reply.content["plan"]
         hospital = str(record.get("hospital", f"node {reply.metadata.src_node_id}"))
-        values = {key: value for key, value in record.items() if key != "hospital"}
-        if all(isinstance(v, (int, float)) for v in values.values()):
-            plans[hospital] = values
+        values = {key: value for key, value in record.items() if key not in ("hospital", "unit")}
+        unit = record.get("unit", "image")
+        if all(isinstance(v, (int, float)) for v in values.values()) and unit in UNITS:
+            plans[hospital] = values | {"unit": unit}
             names[int(reply.metadata.src_node_id)] = hospital
     return plans, failed, names
 
 
 def plan_lines(plans: dict[str, dict], rounds: int, failed: dict[str, str] | None = None) -> list[str]:
-    """A table: per hospital its examples, expected batch, q, steps per round, planned sigma, final epsilon."""
+    """A table: per hospital its n and unit, expected batch, q, steps per round, planned sigma, final epsilon."""
     failures = [f"  {node} could not plan ({category}): it will fail its rounds the same way; its own log says why"
                 for node, category in sorted((failed or {}).items())]
     if not plans:
@@ -43,7 +46,7 @@ def plan_lines(plans: dict[str, dict], rounds: int, failed: dict[str, str] | Non
         return ["Privacy plan: no hospital answered in time (still loading its data); "
                 "each plans its noise before it trains all the same, and the ledger records it."]
     lines = [f"Privacy plan for {rounds} round(s), chosen by each hospital from its own budget:",
-             f"  {'hospital':<14} {'examples':>8} {'batch':>5} {'q':>7} {'steps/round':>11} {'sigma':>7} "
+             f"  {'hospital':<14} {'n':>6} {'unit':<8} {'batch':>5} {'q':>7} {'steps/round':>11} {'sigma':>7} "
              f"{'epsilon now':>11} {'epsilon at end':>14} {'budget':>7}"]
     for hospital in sorted(plans, key=lambda name: (len(name), name)):
         p = plans[hospital]
@@ -52,7 +55,14 @@ def plan_lines(plans: dict[str, dict], rounds: int, failed: dict[str, str] | Non
         else:
             sigma, final = "-", "declines"
         batch = round(p["sampling-rate"] * p["num-examples"])  # expected batch: q n
-        lines.append(f"  {hospital:<14} {int(p['num-examples']):>8} {batch:>5} {p['sampling-rate']:>7.4f} "
+        lines.append(f"  {hospital:<14} {int(p['num-examples']):>6} {p.get('unit', 'image') + 's':<8} {batch:>5} "
+                     f"{p['sampling-rate']:>7.4f} "
                      f"{int(p['steps-per-round']):>11} {sigma:>7} {p['epsilon-before']:>11.3f} {final:>14} "
                      f"{p['max-epsilon']:>7g}")
+    units = {p.get("unit", "image") for p in plans.values()}
+    lines.append("  Unit of privacy: " + ("the patient (each epsilon protects all of one patient's images together)"
+                                        if units == {"patient"} else
+                                        "the image (each epsilon protects one image; a patient with k images is "
+                                        "protected only at group size k)" if units == {"image"} else
+                                        "the patient where a hospital's data names patients, else the image"))
     return lines + failures

@@ -20,6 +20,7 @@ from common.privacy import SAMPLING, PrivacyEvent
 from common.sampling import sampling_rate_for, steps_for
 
 STATUSES = ("trained", "budget_exhausted")
+UNITS = ("image", "patient")  # what num-examples counts and each epsilon protects
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # printed on terminals: no control characters
 MAX_PRIOR_EVENTS_CHARS = 1_000_000  # a hospital's history is a few hundred bytes per run
 MAX_PRIOR_EVENTS = 10_000
@@ -56,6 +57,7 @@ class PrivacyReport:
     can_train_again: bool
     epsilon_needed: float
     prior_events: tuple[PrivacyEvent, ...]
+    unit: str = "image"
 
     def ledger_record(self, server_round: int, status: str | None = None, epsilon: float | None = None,
                       event: PrivacyEvent | None = None) -> dict:
@@ -66,6 +68,7 @@ class PrivacyReport:
             "steps": event.steps, "sampling": event.sampling,
             "epsilon": self.epsilon if epsilon is None else epsilon, "delta": self.delta,
             "max_epsilon": self.max_epsilon, "accountant": "pld", "num_examples": self.num_examples,
+            "unit": self.unit,
         }
 
 
@@ -153,6 +156,7 @@ def read_privacy(content, plan: RoundPlan) -> PrivacyReport:
     status = _text(privacy, "status", STATUSES)
     _text(privacy, "sampling", (SAMPLING,))
     _text(privacy, "accountant", ("pld",))
+    unit = _text(privacy, "unit", UNITS)
     prior = parse_prior_events(privacy.get("prior-events"))
     num_examples = _integer(metrics, "num-examples", 1)
     delta = _number(metrics, "delta", 0, 1, low_ok=False, high_ok=False)
@@ -177,7 +181,7 @@ def read_privacy(content, plan: RoundPlan) -> PrivacyReport:
     if status == "trained" and epsilon > max_epsilon:
         raise Rejected(f"'epsilon' {epsilon:.6g} is over the hospital's own budget {max_epsilon:g}")
     return PrivacyReport(hospital, status, num_examples, epsilon, delta, max_epsilon,
-                         PrivacyEvent(sigma, q, steps), bool(can_train_again), epsilon_needed, prior)
+                         PrivacyEvent(sigma, q, steps), bool(can_train_again), epsilon_needed, prior, unit)
 
 
 def read_weights(content, reference: list[np.ndarray]) -> list[np.ndarray]:

@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.privacy import PrivacyEvent, epsilon
 from common.sampling import steps_for
-from server.ledger import PrivacyLedger
+from server.ledger import PrivacyLedger, added_events
 from server.replies import (PrivacyReport, Rejected, RoundPlan, distance, read_privacy, read_weights,
                             update_bound)
 
@@ -264,17 +264,29 @@ class PrivateFedAvg(FedAvg):
             for key, value in (("delta", report.delta), ("max_epsilon", report.max_epsilon)):
                 if value != first[key]:
                     raise Rejected(f"'{key.replace('_', '-')}' changed from {first[key]:g} to {value:g}")
+            if report.unit != first.get("unit", "image"):
+                raise Rejected(f"'unit' changed from {first.get('unit', 'image')} to {report.unit}")
         self._check_epsilon(report, self._missing_rounds(name, node))
         return report
 
+    def _added_prior(self, report: PrivacyReport) -> list[PrivacyEvent]:
+        """Prior events the reply carries beyond those the ledger holds (one accounting view).
+
+        A hospital's prior events are every charge its odometer counts but its own rounds of
+        this run: they can grow during a run (a concurrent run on the same odometer, a shard
+        sharing images) and are then ledgered where they first appear, never shrink."""
+        if self.ledger.first(report.hospital) is None:
+            return []  # the first record carries them all as prior_events
+        added = added_events(list(report.prior_events), self.ledger.known_prior(report.hospital))
+        if added is None:
+            raise Rejected("'prior-events' lacks events this hospital reported before: an odometer only grows")
+        return added
+
     def _history(self, report: PrivacyReport) -> list[PrivacyEvent]:
-        """Everything the ledger holds for this hospital (or the reply's prior events, if new)."""
-        first = self.ledger.first(report.hospital)
-        if first is None:
+        """Everything the ledger holds for this hospital with what the reply adds (or the reply's prior, if new)."""
+        if self.ledger.first(report.hospital) is None:
             return list(report.prior_events)
-        prior = [PrivacyEvent.from_dict(e) for e in first.get("prior_events", [])]
-        return prior + [PrivacyEvent.from_dict(r) for r in self.ledger.records
-                        if r["hospital"] == report.hospital and r["steps"] > 0]
+        return self.ledger.history(report.hospital) + self._added_prior(report)
 
     def _missing_rounds(self, name: str, node: int) -> list[int]:
         """Rounds this hospital (or its node, before its name was known) left without a record."""
@@ -309,6 +321,7 @@ class PrivateFedAvg(FedAvg):
         self.unledgered.pop(name, None)
         self.unledgered.pop(f"node {node}", None)
         prior = [e.to_dict() for e in report.prior_events]  # kept on the hospital's first record only
+        added = [e.to_dict() for e in self._added_prior(report)]  # on the first record written now
         if self._lost:
             history = self._history(report)
             round_event = PrivacyEvent(report.event.noise_multiplier, report.event.sampling_rate,
@@ -316,9 +329,10 @@ class PrivateFedAvg(FedAvg):
             for lost_round in missing[-self._lost:]:
                 history.append(round_event)
                 self.ledger.append(report.ledger_record(lost_round, "lost", epsilon(history, report.delta),
-                                                        round_event), prior_events=prior)
+                                                        round_event), prior_events=prior, added_prior_events=added)
+                added = []
                 log.info("round %d: %s's reply was lost but its charge stands: ledgered as lost", lost_round, name)
-        self.ledger.append(report.ledger_record(server_round), prior_events=prior)
+        self.ledger.append(report.ledger_record(server_round), prior_events=prior, added_prior_events=added)
         self.can_train[name] = report.can_train_again
         if report.status != "trained":
             self.declined_at[name] = report.epsilon_needed

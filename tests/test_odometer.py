@@ -117,7 +117,7 @@ def test_simulated_accounting_follows_the_images(tmp_path):
         site = simulation_site(second, index)
         shares = bool(used & set(example_hashes(site.train_x, site.train_y)))
         overlapping += shares
-        assert site.odometer.events(exclude_run=2) == ([EVENT] if shares else [])
+        assert site.odometer.prior_events(run=2) == ([EVENT] if shares else [])
     assert overlapping >= 1
 
 

@@ -34,9 +34,10 @@ def test_a_hospital_answers_the_plan_query_with_public_numbers_within_its_budget
     assert plan["epsilon-planned"] == pytest.approx(epsilon([total], 1e-5), rel=1e-9)
     assert 0.9 * 4.0 <= plan["epsilon-planned"] <= 4.0
     assert epsilon([PrivacyEvent(sigma * 0.99, 8 / n, 5 * plan["steps-per-round"])], 1e-5) > 4.0
-    # Only numbers and the hospital's name: nothing from its files.
-    assert set(plan) == {"hospital", "num-examples", "sampling-rate", "steps-per-round", "epsilon-before",
+    # Only numbers, the hospital's name and its unit of privacy: nothing from its files.
+    assert set(plan) == {"hospital", "num-examples", "unit", "sampling-rate", "steps-per-round", "epsilon-before",
                          "max-epsilon", "delta", "noise-multiplier", "epsilon-planned", "rounds-planned"}
+    assert plan["unit"] == "image"  # an npz names no patient
     assert not (tmp_path / "odometer.jsonl").exists()  # planning charges nothing
 
 

@@ -64,7 +64,7 @@ def test_odometer_survives_a_restart(tmp_path):
     assert spent > 0
     again = PrivacyOdometer(path, "hospital-0", max_epsilon=5.0, delta=1e-5)  # a new process, a new run
     assert again.spent() == pytest.approx(spent)
-    assert again.events(exclude_run=2) == [event]
+    assert again.prior_events(run=2) == [event]
     assert again.epsilon_after(event) > spent
 
 

@@ -68,12 +68,13 @@ class Federation:
         return Message(RecordDict({"config": ConfigRecord({"server-round": self.round})}),
                        dst_node_id=NODES[name], message_type="train")
 
-    def honest(self, name, shift=0.01, charge=True):
+    def honest(self, name, shift=0.01, charge=True, prior=None):
         """The reply client/client_app.py would send after an honest round."""
         n = EXAMPLES.get(name, 300)
         q = sampling_rate_for(PLAN.batch_size, n)
         event = PrivacyEvent(SIGMA, q, steps_for(PLAN.local_epochs, q))
-        prior = PRIOR if name == "hospital-0" else []
+        if prior is None:
+            prior = PRIOR if name == "hospital-0" else []
         if charge:
             self.spent.setdefault(name, []).append(event)
         eps = epsilon(prior + self.spent.get(name, [event]), DELTA)
@@ -82,6 +83,7 @@ class Federation:
                                 "noise-multiplier": SIGMA, "sampling-rate": q, "steps": event.steps,
                                 "budget-exhausted": 0, "can-train-again": 1, "epsilon-needed": eps})
         privacy = ConfigRecord({"hospital": name, "status": "trained", "sampling": "poisson", "accountant": "pld",
+                                "unit": "image",
                                 "prior-events": json.dumps([e.to_dict() for e in prior])})
         return Message(RecordDict({"metrics": metrics, "privacy": privacy, "arrays": ArrayRecord(weights)}),
                        reply_to=self.request(name))
@@ -156,6 +158,8 @@ HOSTILE = {
         [{"noise_multiplier": 0.0, "sampling_rate": 0.1, "steps": 5, "sampling": "poisson"}])), "noise_multiplier"),
     "noise changed within the run": (_set("metrics", "noise-multiplier", 3.0), "noise-multiplier"),
     "delta changed": (_set("metrics", "delta", 0.5), "delta"),
+    "unknown unit": (_set("privacy", "unit", "household"), "'unit'"),
+    "unit changed within the run": (_set("privacy", "unit", "patient"), "'unit' changed"),
 }
 
 
@@ -393,3 +397,22 @@ def test_with_batch_size_auto_the_coordinator_expects_each_hospitals_own_batch(t
         assert outcome.rejected == {"node 102": "'sampling-rate' 0.08 is not batch_size/num-examples = 0.16"}
     finally:
         PLAN = saved
+
+
+def test_prior_spend_that_appears_during_the_run_is_ledgered_where_it_appears_and_recomputes(tmp_path):
+    """One accounting view: a concurrent run charges hospital-1's odometer between its rounds."""
+    fed = Federation(tmp_path)
+    fed.run([fed.honest(n) for n in NODES])
+    concurrent = [PrivacyEvent(1.1, 0.08, 13), PrivacyEvent(1.1, 0.08, 13)]
+    _, outcome = fed.run([fed.honest("hospital-0"), fed.honest("hospital-1", prior=concurrent),
+                          fed.honest("hospital-2")])
+    assert sorted(outcome.trained) == sorted(NODES) and not outcome.rejected, outcome
+    own = [r for r in fed.ledger.records if r["hospital"] == "hospital-1"]
+    assert "added_prior_events" not in own[0] and own[1]["added_prior_events"] == [e.to_dict() for e in concurrent]
+    assert own[1]["epsilon"] == pytest.approx(epsilon(concurrent + fed.spent["hospital-1"], DELTA), rel=1e-9)
+    assert fed.ledger.history("hospital-1") == concurrent + fed.spent["hospital-1"]
+    # Round 3: the same prior again adds nothing; a reply that drops one of them is not an odometer's.
+    _, outcome = fed.run([fed.honest(n, prior=concurrent if n == "hospital-1" else None) for n in NODES])
+    assert not outcome.rejected and "added_prior_events" not in fed.ledger.records[-2]
+    _, outcome = fed.run([fed.honest("hospital-1", prior=concurrent[:1])], sent=["hospital-1"])
+    assert "hospital-1" in outcome.rejected and "only grows" in outcome.rejected["hospital-1"]

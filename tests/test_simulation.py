@@ -23,7 +23,8 @@ def _simulate(*args, exit_code=0):
 def _recompute(records, hospital, upto_round):
     """Epsilon from the ledger's own fields, with dp-accounting directly (not the project's code)."""
     own = [r for r in records if r["hospital"] == hospital and r["round"] <= upto_round]
-    events = list(own[0].get("prior_events", [])) + [r for r in own if r["steps"] > 0]
+    events = list(own[0].get("prior_events", [])) + [e for r in own for e in r.get("added_prior_events", [])]
+    events += [r for r in own if r["steps"] > 0]
     steps = {}
     for event in events:
         key = (event["noise_multiplier"], event["sampling_rate"])
@@ -74,6 +75,36 @@ def test_every_ledger_epsilon_recomputes_from_its_fields(first_run):
         assert record["epsilon"] == pytest.approx(_recompute(records, record["hospital"], record["round"]), rel=1e-9)
     assert "train_loss" not in json.dumps(records)
     audit = subprocess.run([sys.executable, "-m", "server.audit", str(run)], cwd=ROOT, capture_output=True, text=True)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_a_reshuffled_rerun_plans_charges_ledgers_and_audits_the_same_earlier_spend(first_run, tmp_path):
+    """Another seed and number of hospitals over the same images, on the first run's odometer."""
+    run, _ = first_run
+    odometer = Path(yaml.safe_load((run / "config.yaml").read_text())["privacy"]["odometer_dir"])
+    before = [json.loads(line) for line in (odometer / "simulation.jsonl").read_text().splitlines()]
+    second = tmp_path / "reshuffled"
+    stdout = _simulate("--set", "hospitals=3", "--set", "seed=1", "--set", "rounds=1",
+                       "--set", f"privacy.odometer_dir={odometer}", "--out", str(second))
+    records = _ledger(second)
+    charges = [json.loads(line) for line in (odometer / "simulation.jsonl").read_text().splitlines()]
+    shards = {p.stem: set(json.loads(p.read_text())["hashes"]) for p in (odometer / "shards").glob("*.json")}
+    assert {r["hospital"] for r in records} == {"hospital-0", "hospital-1", "hospital-2"}
+    for record in records:
+        assert record["status"] == "trained" and not record.get("added_prior_events")
+        mine = next(c for c in charges[len(before):] if c["hospital"] == record["hospital"])
+        # What the odometer counts for this shard, found independently: earlier charges on any
+        # shard sharing an image with it (iid over the same digits: all of the first run's).
+        expected = [c for c in before if shards[c["shard"]] & shards[mine["shard"]]]
+        assert expected == before
+        key = lambda e: (e["noise_multiplier"], e["sampling_rate"], e["steps"])  # noqa: E731
+        assert sorted(map(key, record["prior_events"])) == sorted(map(key, expected))
+        assert record["epsilon"] == pytest.approx(_recompute(records, record["hospital"], 1), rel=1e-9)
+        assert record["epsilon"] == pytest.approx(mine["epsilon_after"], rel=1e-9)
+    prior_epsilon = _recompute([dict(records[0], steps=0)], records[0]["hospital"], 1)
+    assert f"{prior_epsilon:.3f}" in stdout  # the plan's "epsilon now" column
+    audit = subprocess.run([sys.executable, "-m", "server.audit", str(second), "--odometer",
+                            str(odometer / "simulation.jsonl")], cwd=ROOT, capture_output=True, text=True)
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
