@@ -95,12 +95,13 @@ def _run_of(lines: list[dict], records: list[dict], known: int | None, name: str
                     if (str(line.get("hospital")), line.get("round"), _event(line)) in charged)
     if not votes:
         return None
-    (run, count), *rest = votes.most_common()
+    (key, count), *rest = votes.most_common()
+    run = next(line.get("run") for line in lines if str(line.get("run")) == key)
     notes.append(f"the run directory does not say which run this is (no readable checkpoint/state.json): taken as "
                  f"run {_short(run)}, whose charges in odometer {name} match {count} of the ledger's"
                  + (f" ({len(rest)} other run(s) match fewer)" if rest else "")
                  + "; a ledger copied from another run's charges would match that run")
-    return next(line.get("run") for line in lines if str(line.get("run")) == run)
+    return run
 
 
 def _views(lines: list[dict], run, shards: ShardFiles, problems: list[str], name: str) -> dict[str, _View]:
@@ -245,29 +246,38 @@ def _check_delta(shown: str, view: _View, ledger: list, name: str, found: Odomet
 
 
 def _check_prior(shown: str, view: _View, ledger: list, name: str, found: OdometerFindings) -> None:
-    """prior_events (first record) and added_prior_events (any record) against the odometer's other charges."""
-    first, first_row = ledger[0]
-    prior = Counter(_event(event) for event in first.get("prior_events", []))
-    if view.own and first.get("status") in CHARGED:
-        index = view.own[0][0]
+    """prior_events (first record) and added_prior_events (any record) against the odometer's other charges.
+
+    A trained round's reply carries every counted charge that is not the hospital's own in this
+    run, read under the odometer's lock just before its own charge: so through each trained
+    record, prior_events and the added_prior_events so far are exactly the others written before
+    that record's charge. (A lost record is ledgered later, from another reply, and a declined
+    one has no charge to place it: only the whole is checked for them.)"""
+    charge_at = {line.get("round"): index for index, line in view.own}
+    known = Counter()
+    for number, (record, row) in enumerate(ledger):
+        known += Counter(_event(event) for event in (record.get("prior_events", []) if number == 0 else []))
+        known += Counter(_event(event) for event in record.get("added_prior_events", []))
+        index = charge_at.get(record.get("round"))
+        if record.get("status") != "trained" or index is None:
+            continue
         expected = Counter(view.others(before=index))
-        if prior != expected:
+        if known != expected:
+            which, before = (("the first record's prior_events", "from before this run's first charge") if number == 0
+                             else ("prior_events and added_prior_events so far", "from before this round's charge"))
             found.problems.append(_mismatch(
-                f"round {_short(first.get('round'))}, hospital {shown}: the first record's prior_events",
-                prior, expected, "from before this run's first charge", name,
-                view.epsilon_through(index), first_row.epsilon_pld, f"at round {_short(first.get('round'))}"))
-            return
-    known = prior + Counter(_event(e) for record, _ in ledger for e in record.get("added_prior_events", []))
+                f"round {_short(record.get('round'))}, hospital {shown}: {which}", known, expected, before, name, view.epsilon_through(index), row.epsilon_pld,
+                f"at round {_short(record.get('round'))}"))
+            return  # later rounds follow from this one
     others = view.others()
     # Charges written after the hospital's last charge of this run may or may not have been seen:
     # the ledger holds the others up to that charge, and maybe some that follow it.
     cut = len(view.others(before=view.own[-1][0])) if view.own else 0
     allowed = [Counter(others[:end]) for end in range(cut, len(others) + 1)]
-    required = allowed[0]
     if known not in allowed:
         last = view.own[-1][0] if view.own else max(i for i, _ in view.counted)
         found.problems.append(_mismatch(
-            f"hospital {shown}: prior_events and added_prior_events", known, required,
+            f"hospital {shown}: prior_events and added_prior_events", known, allowed[0],
             "that are not its own charges of this run", name, view.epsilon_through(last), ledger[-1][1].epsilon_pld,
             f"after round {_short(ledger[-1][0].get('round'))}"))
 
