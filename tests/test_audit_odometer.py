@@ -23,7 +23,7 @@ from tests.test_simulation import first_run  # noqa: F401 - a fixture: one small
 RUN, EARLIER, CONCURRENT = 9, 5, 11  # run ids: this run, one before it, one during it
 CONFIG = {"hospitals": 2, "rounds": 3, "train": {"batch_size": 64, "local_epochs": 0.4, "fraction_train": 1.0},
           "dp": {"noise_multiplier": "auto"}, "privacy": {"max_epsilon": 8.0, "delta": DELTA}}
-EARLIER_SPEND = [event(2.0, 0.02, 20), event(2.0, 0.02, 20)]  # hospital a, two rounds of run 5
+EARLIER_SPEND = [event(2.0, 0.02, 30), event(2.0, 0.02, 30)]  # hospital a, two rounds of run 5
 CONCURRENT_SPEND = event(2.5, 0.02, 20)                         # hospital a, run 11, between our rounds 1 and 2
 # sigma, q, steps (q x n = 64, steps = ceil(0.4 / q)); b spends less than a, so a's figure is the headline.
 ROUNDS = {"a": (2.0, 0.02, 20), "b": (3.0, 0.04, 10)}
@@ -58,10 +58,8 @@ def charge(odometer: PrivacyOdometer, spend: dict, run: int, rnd: int) -> None:
                     round_number=rnd, epsilon_after=0.0)
 
 
-@pytest.fixture(scope="module")
-def odometers(tmp_path_factory) -> dict[str, Path]:
-    """Each hospital's own odometer (as deployed): a's holds an earlier run and a concurrent one."""
-    directory = tmp_path_factory.mktemp("odometers")
+def make_odometers(directory: Path, concurrent: bool) -> dict[str, Path]:
+    """Each hospital's own odometer (as deployed): a's holds an earlier run, and maybe a concurrent one."""
     paths = {h: directory / f"{h}.jsonl" for h in ROUNDS}
     files = {h: PrivacyOdometer(paths[h], h, 8.0, DELTA) for h in ROUNDS}
     for rnd, spend in enumerate(EARLIER_SPEND, start=1):
@@ -69,12 +67,24 @@ def odometers(tmp_path_factory) -> dict[str, Path]:
     for rnd in (1, 2, 3):
         for hospital, (sigma, q, steps) in ROUNDS.items():
             charge(files[hospital], event(sigma, q, steps), RUN, rnd)
-        if rnd == 1:
+        if rnd == 1 and concurrent:
             charge(files["a"], CONCURRENT_SPEND, CONCURRENT, 1)  # a's round-2 reply reports it
     return paths
 
 
+@pytest.fixture(scope="module")
+def odometers(tmp_path_factory) -> dict[str, Path]:
+    return make_odometers(tmp_path_factory.mktemp("odometers"), concurrent=True)
+
+
+@pytest.fixture(scope="module")
+def plain_odometers(tmp_path_factory) -> dict[str, Path]:
+    """No concurrent run: the issue-25 reproductions, which the audit before it passed (exit 0)."""
+    return make_odometers(tmp_path_factory.mktemp("plain"), concurrent=False)
+
+
 HONEST = {"prior": {"a": EARLIER_SPEND}, "added": {("a", 2): [CONCURRENT_SPEND]}}
+PLAIN = {"prior": {"a": EARLIER_SPEND}, "added": {}}
 
 
 def run_directory(path: Path, config: dict | None = None, **ledger) -> Path:
@@ -102,7 +112,8 @@ def findings(run: Path, *odometers: Path) -> audit.AuditReport:
                               context=audit.read_context(run, [str(p) for p in odometers]))
 
 
-def test_the_honest_ledger_matches_both_odometers(tmp_path, odometers):
+def test_the_honest_ledger_matches_both_odometers(tmp_path, odometers, plain_odometers):
+    assert findings(run_directory(tmp_path / "plain", **PLAIN), *plain_odometers.values()).ok
     run = run_directory(tmp_path / "run", **HONEST)
     result = audit_cli(run, *odometers.values())
     assert result.returncode == 0, result.stdout + result.stderr
@@ -112,14 +123,14 @@ def test_the_honest_ledger_matches_both_odometers(tmp_path, odometers):
     assert a.epsilon_odometer == pytest.approx(a.epsilon_pld, rel=1e-6)
 
 
-def test_dropped_prior_events_fail_with_the_figure_the_odometer_implies(tmp_path, odometers):
+def test_dropped_prior_events_fail_with_the_figure_the_odometer_implies(tmp_path, plain_odometers):
     # Issue 25: the first record's prior_events dropped and every epsilon recomputed without them.
-    honest = write_ledger(tmp_path / "honest.jsonl", **HONEST)
-    run = run_directory(tmp_path / "run", prior={}, added=HONEST["added"])
-    result = audit_cli(run, *odometers.values())
+    honest = write_ledger(tmp_path / "honest.jsonl", **PLAIN)
+    run = run_directory(tmp_path / "run", prior={}, added={})
+    result = audit_cli(run, *plain_odometers.values())
     assert result.returncode == 1, result.stdout + result.stderr
     implied = honest[0]["epsilon"]  # a's round 1, counting the earlier run
-    assert (f"round 1, hospital a: the first record's prior_events hold 0 event(s), but odometer {odometers['a']} "
+    assert (f"round 1, hospital a: the first record's prior_events hold 0 event(s), but odometer {plain_odometers['a']} "
             "holds 2 charge(s) on this hospital's data from before this run's first charge (2 missing") in result.stdout
     assert f"the odometer implies epsilon {implied:.6g} at round 1" in result.stdout
     # The headline is the odometer's figure, not the ledger's smaller one.
@@ -127,18 +138,18 @@ def test_dropped_prior_events_fail_with_the_figure_the_odometer_implies(tmp_path
     assert f"federation maximum: epsilon {top:.6f} at delta 1e-05, hospital a (by its odometer" in result.stdout
 
 
-def test_a_delta_raised_in_every_run_file_fails(tmp_path, odometers):
+def test_a_delta_raised_in_every_run_file_fails(tmp_path, plain_odometers):
     # Issue 25: delta 1e-3 in the ledger, config.yaml and plan.json; the odometers charged at 1e-5.
     config = copy.deepcopy(CONFIG)
     config["privacy"]["delta"] = 1e-3
-    run = run_directory(tmp_path / "run", config, delta=1e-3, **HONEST)
+    run = run_directory(tmp_path / "run", config, delta=1e-3, **PLAIN)
     (run / "plan.json").write_text(json.dumps({h: {"max-epsilon": 8.0, "delta": 1e-3} for h in ROUNDS}))
     assert findings(run).ok  # the run files alone agree with each other
-    result = audit_cli(run, *odometers.values())
+    result = audit_cli(run, *plain_odometers.values())
     assert result.returncode == 1, result.stdout + result.stderr
-    honest = write_ledger(tmp_path / "honest.jsonl", **HONEST)
+    honest = write_ledger(tmp_path / "honest.jsonl", **PLAIN)
     at_odometer_delta = [r["epsilon"] for r in honest if r["hospital"] == "a"][-1]
-    assert (f"hospital a: delta 0.001 in the ledger (round(s) 1, 2, 3), but odometer {odometers['a']} charged it at "
+    assert (f"hospital a: delta 0.001 in the ledger (round(s) 1, 2, 3), but odometer {plain_odometers['a']} charged it at "
             f"delta 1e-05: at that delta the odometer implies epsilon {at_odometer_delta:.6g}") in result.stdout
     assert f"federation maximum: epsilon {at_odometer_delta:.6f} at delta 1e-05, hospital a (by its odometer" in result.stdout
 
