@@ -26,10 +26,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.task import SettingsError, TrainSettings, deployment_site, evaluate_round, plan_summary, simulation_site, train_round
-from common.config import from_run_config
+from common.config import HOSPITAL_NAME, from_run_config
 from common.errors import UserError
 
-ERROR_CATEGORIES = ("data", "budget", "settings", "internal")
+ERROR_CATEGORIES = ("data", "budget", "odometer", "settings", "internal")
 ERROR_CODE = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION: the number carries no text
 
 app = ClientApp()
@@ -63,9 +63,18 @@ def _guarded(handler):
             details = str(error) if isinstance(error, UserError) else "".join(traceback.format_exception(error))
             logging.getLogger("hospital").error("%s failed (%s): %s", handler.__name__, category, details)
             _error_log(context, f"{handler.__name__} failed ({category}):\n{details}")
-            return Message(error=Error(code=ERROR_CODE, reason=category), reply_to=msg)
+            return Message(error=Error(code=ERROR_CODE, reason=_reason(category, context)), reply_to=msg)
 
     return wrapper
+
+
+def _reason(category: str, context: Context) -> str:
+    """The error's whole text: its category, and the hospital's own name when its node config gives a valid one.
+
+    The name is public (it is in every ledger record); without it a hospital that fails before
+    it ever replied would be known to the coordinator only by Flower's node number."""
+    name = str(context.node_config.get("hospital-id", ""))
+    return f"{category}: {name}" if HOSPITAL_NAME.fullmatch(name) else category
 
 
 def _error_log(context: Context, text: str) -> None:

@@ -48,7 +48,13 @@ _SEEN: dict[str, int] = {}
 
 
 class OdometerError(UserError):
-    """The odometer cannot be trusted or the budget settings are invalid: training is refused."""
+    """The odometer cannot be read, trusted or written: training is refused."""
+
+    category = "odometer"
+
+
+class BudgetError(UserError):
+    """The hospital's budget settings (max-epsilon, delta) are invalid: training is refused."""
 
     category = "budget"
 
@@ -85,7 +91,7 @@ class PrivacyOdometer:
         for name, value, ok in (("max-epsilon", max_epsilon, lambda v: v > 0),
                                 ("delta", delta, lambda v: 0 < v < 1)):
             if not (isinstance(value, (int, float)) and np.isfinite(value) and ok(value)):
-                raise OdometerError(f"{hospital}: {name} must be a finite number "
+                raise BudgetError(f"{hospital}: {name} must be a finite number "
                                     f"{'> 0' if name == 'max-epsilon' else 'in (0, 1)'}, got {value!r}")
         self.path = Path(path).absolute()
         self.hospital = hospital
@@ -204,14 +210,23 @@ class PrivacyOdometer:
     @contextlib.contextmanager
     def locked(self):
         """Hold the exclusive lock and see the file as it is now (re-read under the lock)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a") as lock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.lock_path, "a")
+        except OSError as error:
+            raise self._unwritable(error) from None
+        with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 self._reload()
                 yield self
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _unwritable(self, error: OSError) -> OdometerError:
+        # A full disk, a read-only or immutable file: the charge is not on disk, so nothing trains.
+        return OdometerError(f"privacy odometer {self.path} cannot be written ({error.strerror or error}): "
+                             "free space or fix its permissions; training is refused until a charge can be recorded")
 
     def reserve(self, event: PrivacyEvent, run: int, round_number: int) -> Reservation:
         """Under the lock: re-read, check the budget, and charge `event` if it fits."""
@@ -244,7 +259,10 @@ class PrivacyOdometer:
             "prev": previous,
         }
         line = json.dumps(record)
-        append_line(self.path, line)
+        try:
+            append_line(self.path, line)  # a failed append leaves no partial line (common/durable.py)
+        except OSError as error:
+            raise self._unwritable(error) from None
         self._all.append(record)
         self._tail = (seq, hashlib.sha256(line.encode()).hexdigest())
         _SEEN[str(self.path)] = len(self._all)
@@ -253,4 +271,9 @@ class PrivacyOdometer:
         self._write_head(*self._tail)
 
     def _write_head(self, seq: int, last: str) -> None:
-        replace_file(self.head_path, json.dumps({"seq": seq, "last": last}).encode())
+        # The charge itself is on disk: a head that cannot follow makes the next read refuse (the
+        # file then holds more charges than the head, which reads as valid), never undercount.
+        try:
+            replace_file(self.head_path, json.dumps({"seq": seq, "last": last}).encode())
+        except OSError as error:
+            raise self._unwritable(error) from None

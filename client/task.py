@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from client.odometer import SIMULATION_ODOMETER, OdometerError, PrivacyOdometer, example_hashes, fingerprint
+from client.odometer import (SIMULATION_ODOMETER, BudgetError, OdometerError, PrivacyOdometer, example_hashes,
+                             fingerprint)
 from client.split import hospital_split
-from common.config import MAX_PLANNED_EPOCHS, MIN_NOISE, RANGES, Config, ModelConfig
+from common.config import HOSPITAL_NAME, MAX_PLANNED_EPOCHS, MIN_NOISE, RANGES, Config, ModelConfig
 from common.data import BAD_IMAGE_POLICIES, load_dataset
 from common.dp_sgd import DPSGDEngine, scheduled_learning_rate
 from common.duplicates import privacy_units
@@ -137,7 +138,7 @@ def _check_delta(name: str, delta: float, n: int) -> None:
     """delta >= 1/n allows publishing a random example outright: refused. Above 1/(10 n): warned."""
     refusal = delta_refusal(name, delta, n)
     if refusal:
-        raise OdometerError(refusal)
+        raise BudgetError(refusal)
     if delta > 0.1 / n and f"delta|{name}" not in _ANNOUNCED:
         _ANNOUNCED.add(f"delta|{name}")
         log.warning("%s: delta %g is above 1/(10 n) = %.3g; a delta well below 1/n is the usual advice",
@@ -195,7 +196,7 @@ def _finite_number(node_config: dict, key: str) -> float:
     except (TypeError, ValueError):
         value = math.nan
     if not math.isfinite(value):
-        raise OdometerError(f"node config {key}={node_config[key]!r} must be a finite number")
+        raise BudgetError(f"node config {key}={node_config[key]!r} must be a finite number")
     return value
 
 
@@ -231,9 +232,13 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     """A real hospital: data, budget, odometer and split from its own node config, never the server's."""
     _check_node_keys(node_config)
     name = str(node_config["hospital-id"])
+    if not HOSPITAL_NAME.fullmatch(name):
+        # The coordinator refuses such a name in every reply, after the charge: refuse it first.
+        raise UserError(f"node config hospital-id={name[:70]!r} is not a usable name: give 1-64 letters, digits, "
+                        "'.', '_' or '-', starting with a letter or digit (e.g. hospital-id=\"st-marys\")")
     max_epsilon, delta = _finite_number(node_config, "max-epsilon"), _finite_number(node_config, "delta")
     if max_epsilon <= 0 or not 0 < delta < 1:
-        raise OdometerError(f"node config needs max-epsilon > 0 and 0 < delta < 1, got {max_epsilon:g} and {delta:g}")
+        raise BudgetError(f"node config needs max-epsilon > 0 and 0 < delta < 1, got {max_epsilon:g} and {delta:g}")
     eval_fraction = _finite_number(node_config, "eval-fraction") if "eval-fraction" in node_config else 0.1
     if not 0 <= eval_fraction < 1:
         raise UserError(f"node config eval-fraction must be in [0, 1), got {eval_fraction:g}")
@@ -243,6 +248,11 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
         raise SettingsError(f"the coordinator asks for model builder {config.model.builder!r}, which this "
                             "hospital's node config does not allow (model-builders=\"package.module:function\")")
     odometer_path = Path(str(node_config["odometer-path"])).absolute()
+    try:  # the split and the odometer live there: an unusable folder is the odometer's failure
+        odometer_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OdometerError(f"node config odometer-path {odometer_path}: its folder cannot be created "
+                            f"({error.strerror or error}); point odometer-path at a writable folder") from None
     source = str(node_config.get("data-source", "npz"))
     # The hospital's choice, not the run config's: a coordinator that could switch it would learn,
     # from which setting fails, whether the hospital holds unreadable files.

@@ -30,6 +30,9 @@ MIN_NOISE = 0.5
 # Runs here take 20-40; the bound keeps one accounting call within seconds and a few GB
 # (10^4 steps at sigma 0.5 and q = 1: 11 s, 2.5 GB) whatever a coordinator plans.
 MAX_PLANNED_EPOCHS = 10_000
+# A hospital's name: in the ledger, on the coordinator's terminal (so no control characters),
+# checked by the SuperNode's hospital before any charge and by the coordinator in every reply.
+HOSPITAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from server.replies import UNITS
-from server.strategy import failure_category
+from server.strategy import failure_category, failure_name
 
 
 def ask_plans(grid, node_ids: list[int], train_config: ConfigRecord,
@@ -21,8 +21,8 @@ def ask_plans(grid, node_ids: list[int], train_config: ConfigRecord,
     messages = [Message(RecordDict({"config": train_config}), node, MessageType.QUERY) for node in node_ids]
     plans, failed, names = {}, {}, {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():  # the category only: the hospital's reason may name its files
-            failed[f"node {reply.metadata.src_node_id}"] = failure_category(reply)
+        if reply.has_error():  # the category (and the hospital's name) only: nothing else is read
+            failed[failure_name(reply) or f"node {reply.metadata.src_node_id}"] = failure_category(reply)
             continue
         if "plan" not in reply.content:
             continue

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from common.config import HOSPITAL_NAME
 from common.privacy import SAMPLING, PrivacyEvent
 from common.sampling import sampling_rate_for, steps_for
 
 STATUSES = ("trained", "budget_exhausted")
 UNITS = ("image", "patient")  # what num-examples counts and each epsilon protects
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # printed on terminals: no control characters
+NAME = HOSPITAL_NAME
 MAX_PRIOR_EVENTS_CHARS = 1_000_000  # a hospital's history is a few hundred bytes per run
 MAX_PRIOR_EVENTS = 10_000
 EVENT_KEYS = {"noise_multiplier", "sampling_rate", "steps", "sampling"}

@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
+from common.config import HOSPITAL_NAME
 from common.privacy import PrivacyEvent, epsilon
 from common.sampling import steps_for
 from server.ledger import PrivacyLedger, added_events
@@ -39,11 +40,26 @@ TRIM_FRACTION = 0.2  # trimmed_mean drops this share of values at each end, per 
 CATEGORIES = ("data", "budget", "settings", "odometer", "internal", "out of memory", "crash", "timeout")
 
 
+def _own_report(msg: Message) -> tuple[str, str] | None:
+    """(category, hospital name) of a ClientApp's own error text `category[: name]`, or None."""
+    category, _, name = (msg.error.reason or "").strip().partition(": ")
+    if category.lower() in CATEGORIES and (not name or HOSPITAL_NAME.fullmatch(name)):
+        return category.lower(), name
+    return None
+
+
+def failure_name(msg: Message) -> str:
+    """The hospital name a failed reply gives for itself ("" when none)."""
+    own = _own_report(msg) if msg.has_error() else None
+    return own[1] if own else ""
+
+
 def failure_category(msg: Message) -> str:
     """A fixed category for a failed reply; the reason text itself goes to run.log only."""
     reason = (msg.error.reason or "").strip()
-    if reason.lower() in CATEGORIES:  # a ClientApp that reports its own category
-        return reason.lower()
+    own = _own_report(msg)
+    if own is not None:  # a ClientApp that reports its own category
+        return own[0]
     lowered = reason.lower()
     # A simulated hospital's Ray worker that died (killed, segfault): Ray's text lists the OOM
     # killer among possible causes, so this comes before the memory words. Ray's own memory
@@ -141,8 +157,14 @@ class PrivateFedAvg(FedAvg):
     def _exclude(self, node: int, reason: str) -> None:
         self.excluded.setdefault(str(node), reason)
 
-    def label(self, node_id: int) -> str:
-        return self.node_names.get(str(node_id), f"node {node_id}")
+    def label(self, node_id: int, failed: Message | None = None) -> str:
+        """The node's hospital name; for a node not yet bound, the name its own error reply gives, if free."""
+        if str(node_id) in self.node_names:
+            return self.node_names[str(node_id)]
+        claimed = failure_name(failed) if failed is not None else ""
+        if claimed and claimed not in self.node_names.values():
+            return claimed
+        return f"node {node_id}"
 
     # ------------------------------------------------------------------ sending
 
@@ -185,9 +207,9 @@ class PrivateFedAvg(FedAvg):
             seen_nodes.add(node)
             if msg.has_error():
                 category = failure_category(msg)
-                outcome.failed[self.label(node)] = category
+                outcome.failed[self.label(node, msg)] = category
                 self._note_missing(node, server_round)
-                log.info("round %d: %s failed (%s): code %s, %s", server_round, self.label(node), category,
+                log.info("round %d: %s failed (%s): code %s, %s", server_round, self.label(node, msg), category,
                          msg.error.code, msg.error.reason)
                 continue
             try:

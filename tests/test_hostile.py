@@ -139,7 +139,7 @@ def test_a_bad_images_path_never_reaches_the_coordinator(tmp_path, caplog):
     context = _context({"data-source": "folder", "data-path": str(folder)}, tmp_path)
     with caplog.at_level("ERROR", logger="hospital"):
         reply = app(_message("train", _train_content()), context)
-    assert reply.has_error() and reply.error.reason == "data"
+    assert reply.has_error() and reply.error.reason == "data: hospital-x"
     sent = _sent_bytes(reply)
     for text in (secret, "ward-7", str(tmp_path)):
         assert text.encode() not in sent
@@ -173,7 +173,7 @@ def test_coordinator_settings_the_engine_would_refuse_are_refused_before_any_cha
     folder = _image_folder(tmp_path / "data")
     context = _context({"data-source": "folder", "data-path": str(folder)}, tmp_path)
     reply = app(_message("train", _train_content(learning_rate=float("nan"))), context)
-    assert reply.has_error() and reply.error.reason == "settings"
+    assert reply.has_error() and reply.error.reason == "settings: hospital-x"
     assert not (tmp_path / "odometer.jsonl").exists()
 
 
@@ -187,7 +187,7 @@ def test_budgets_that_are_not_numbers_or_too_loose_are_refused(tmp_path, budget,
     folder = _image_folder(tmp_path / "data")
     context = _context({"data-source": "folder", "data-path": str(folder), **budget}, tmp_path)
     reply = app(_message("train", _train_content()), context)
-    assert reply.has_error() and reply.error.reason == category
+    assert reply.has_error() and reply.error.reason == f"{category}: hospital-x"
     assert not (tmp_path / "odometer.jsonl").exists()
 
 
@@ -322,7 +322,7 @@ def test_settings_that_break_the_step_are_refused_before_any_charge(tmp_path, ch
         content["config"]["lr_schedule"], content["config"]["server-round"] = "cosine", 4
         content["arrays"] = ArrayRecord(_default_model_weights((16, 16, 1)))
     reply = app(_message("train", content), context)
-    assert reply.has_error() and reply.error.reason == "settings"
+    assert reply.has_error() and reply.error.reason == "settings: hospital-x"
     assert not (tmp_path / "odometer.jsonl").exists()
     why = {"past_the_plan": "past the 3 rounds planned",
            # which shapes, and what the operator can change
@@ -348,7 +348,7 @@ def test_settings_whose_accounting_would_exhaust_the_hospital_are_refused_before
     for key, value in settings.items():
         content["config"][key] = value
     reply = app(_message("train", content), context)
-    assert reply.has_error() and reply.error.reason == "settings"
+    assert reply.has_error() and reply.error.reason == "settings: hospital-x"
     assert not (tmp_path / "odometer.jsonl").exists()
     assert why in (tmp_path / "odometer.errors.log").read_text()
 
@@ -391,3 +391,44 @@ def test_default_odometer_dir_is_the_users_data_dir_whatever_the_working_directo
     resolved = load_config(None, []).privacy.odometer_dir
     assert resolved == str(tmp_path / "data" / "hospital-fl" / "odometer")
     assert not resolved.startswith(str(PROJECT_ROOT))  # never inside the installation or its venv
+
+
+@pytest.mark.parametrize("name", ["", " ", "h\x1b[2J", "x" * 65, "-lead"])
+def test_an_unusable_hospital_id_is_refused_before_any_charge(tmp_path, name):
+    """The coordinator would reject every reply of such a name, after each charge: refuse it first."""
+    from client.client_app import app
+
+    folder = _image_folder(tmp_path / "data")
+    context = _context({"hospital-id": name, "data-source": "folder", "data-path": str(folder)}, tmp_path)
+    reply = app(_message("train", _train_content()), context)
+    assert reply.has_error() and reply.error.reason == "data"  # no usable name to add
+    assert not (tmp_path / "odometer.jsonl").exists()
+    assert "hospital-id" in (tmp_path / "odometer.errors.log").read_text()
+
+
+def test_an_odometer_that_cannot_be_written_is_named_odometer_and_nothing_trains(tmp_path):
+    from client.client_app import app
+
+    folder = _image_folder(tmp_path / "data")
+    (tmp_path / "not-a-folder").write_text("")
+    context = _context({"data-source": "folder", "data-path": str(folder),
+                        "odometer-path": str(tmp_path / "not-a-folder" / "odometer.jsonl")}, tmp_path)
+    reply = app(_message("train", _train_content()), context)
+    assert reply.has_error() and reply.error.reason == "odometer: hospital-x"
+
+
+def test_a_failed_reply_is_named_by_the_hospital_it_gives_unless_another_node_holds_that_name(tmp_path):
+    from flwr.app import Error, Message
+
+    from server.ledger import PrivacyLedger
+    from server.replies import RoundPlan
+    from server.strategy import PrivateFedAvg, failure_category
+
+    strategy = PrivateFedAvg(PrivacyLedger(tmp_path / "ledger.jsonl"), RoundPlan(32, 1.0, 0.5, 0.5, 1.0),
+                             tmp_path / "rejected.jsonl")
+    failed = Message(Error(code=2, reason="data: st-marys"), reply_to=_message("train", _train_content()))
+    assert failure_category(failed) == "data" and strategy.label(5, failed) == "st-marys"
+    strategy.node_names["9"] = "st-marys"
+    assert strategy.label(5, failed) == "node 5"  # a name bound to another node is not taken over
+    garbled = Message(Error(code=2, reason="data: h\x1b[2J"), reply_to=_message("train", _train_content()))
+    assert strategy.label(6, garbled) == "node 6"

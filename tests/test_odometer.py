@@ -128,3 +128,24 @@ def test_per_name_odometers_of_an_earlier_version_are_not_ignored(tmp_path):
     config = load_config(None, [f"privacy.odometer_dir={tmp_path}", "hospitals=2", "train.batch_size=16"])
     with pytest.raises(OdometerError, match="earlier version"):
         simulation_site(config, 0)
+
+
+def test_a_charge_that_cannot_be_written_refuses_training_as_an_odometer_failure(tmp_path, monkeypatch):
+    import errno
+
+    import client.odometer as odometer_module
+
+    odometer = PrivacyOdometer(tmp_path / "odo.jsonl", "h", max_epsilon=8.0, delta=1e-5)
+    assert odometer.reserve(EVENT, run=1, round_number=1).charged
+
+    def full(path, line):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(odometer_module, "append_line", full)
+    with pytest.raises(OdometerError, match="cannot be written \\(No space left on device\\)") as info:
+        odometer.reserve(EVENT, run=1, round_number=2)
+    assert info.value.category == "odometer"
+    monkeypatch.undo()
+    again = PrivacyOdometer(tmp_path / "odo.jsonl", "h", max_epsilon=8.0, delta=1e-5)
+    assert len(again.records) == 1  # nothing half-written, and the file still reads
+    assert again.reserve(EVENT, run=1, round_number=2).charged
