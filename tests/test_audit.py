@@ -141,6 +141,22 @@ def test_fast_path_equals_the_accountants_exactly():
     assert audit._pld_epsilon((((0.0, 0.1, "poisson"), 3),), DELTA) == float("inf")
 
 
+def test_incremental_composition_agrees_with_the_accountant():
+    # The audit composes each record's round onto the hospital's PLD so far instead of
+    # self-composing every group from scratch; it must stay within SELF_CHECK_REL_TOL of
+    # PLDAccountant, far inside the 1e-6 the reported figures are held to.
+    prior = ((2.5, 0.02, "poisson"), 40)
+    chain = [(((prior, ((2.0, 0.04, "poisson"), 7 * k))), DELTA) for k in range(1, 16)]
+    chain.insert(5, ((prior, ((2.0, 0.04, "poisson"), 35), ((1.8, 0.02, "poisson"), 3)), DELTA))  # a new group
+    chain = [(tuple(h), d) for h, d in chain]
+    figures = audit.accounting._chain_epsilons(chain, want_rdp=True)
+    for index in (0, 5, 6, len(chain) - 1):
+        history, delta = chain[index]
+        pld, rdp = audit.reference_epsilons(history, delta)
+        assert figures[index][0] == pytest.approx(pld, rel=audit.checks.SELF_CHECK_REL_TOL)
+        assert figures[index][1] == rdp
+
+
 def test_understated_epsilon_names_hospital_and_round(tmp_path, good_records, capsys):
     records = copy.deepcopy(good_records)
     target = next(r for r in records if r["hospital"] == "b" and r["round"] == 2)

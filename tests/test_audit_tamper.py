@@ -66,3 +66,43 @@ def test_num_examples_changed_mid_run_is_flagged(tmp_path, good_records, capsys)
     code, out = _audit(tmp_path, records, capsys)
     assert code == 1, out
     assert "hospital b: num_examples changed from 1600 (round 1) to 1700 (round 2)" in out
+
+
+@pytest.mark.parametrize("change", [
+    {"status": "budget_exhausted", "steps": 10**400},   # the declined-with-steps message
+    {"delta": 10**299},                                 # the changed-delta message (an int below float range)
+    {"max_epsilon": 10**299},
+    {"round": 10**400},                                 # the next record's "round does not increase"
+])
+def test_no_message_prints_a_huge_number_verbatim(tmp_path, good_records, capsys, change):
+    records = copy.deepcopy(good_records)
+    target = next(r for r in records if r["hospital"] == "a" and r["round"] == 2)
+    target.update(change)
+    code, out = _audit(tmp_path, records, capsys)
+    assert code == 1, out
+    assert len(max(out.splitlines(), key=len)) < 600, max(out.splitlines(), key=len)
+    assert "characters)" in out  # cut short, with its length
+
+
+def test_added_prior_events_compose_and_are_checked(tmp_path, good_records, capsys):
+    # Spend that appeared during the run (another run, a shard sharing images) on a later record.
+    from tests.test_audit import event, true_epsilon
+
+    records = copy.deepcopy(good_records)
+    added = event(2.5, 0.02, 15)
+    history = []
+    for record in (r for r in records if r["hospital"] == "a"):
+        history += record.get("prior_events", []) + ([added] if record["round"] == 2 else [])
+        history.append(record)
+        if record["round"] == 2:
+            record["added_prior_events"] = [added]
+        record["epsilon"] = true_epsilon(history)
+        record["max_epsilon"] = 20.0
+    code, out = _audit(tmp_path, records, capsys)
+    assert code == 0, out
+    report = audit.audit_ledger(records, accountant="pld")
+    assert next(h for h in report.hospitals if h.hospital == "a").prior_steps == 50 + 15
+    # Left out of the figure, the record understates; a bad event is named.
+    records[3]["added_prior_events"] = [event(2.5, 0.02, 15) | {"noise_multiplier": -1}]
+    code, out = _audit(tmp_path, records, capsys)
+    assert code == 1 and "round 2, hospital a: added_prior_events[0]: noise_multiplier -1 must be" in out, out
