@@ -20,13 +20,14 @@ every simulated hospital) the charges on shards that share an example with its s
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.audit.accounting import _pld_epsilon
-from server.audit.reading import (CHARGED, RunContext, ShardFiles, _hospital_key, _is_int, _is_number, _short,
-                                  _valid_delta, odometer_chain_problems, short_name)
+from server.audit.reading import (CHARGED, MAX_STEPS, RunContext, ShardFiles, _hospital_key, _is_int, _mechanism_problems,
+                                  _short, _valid_delta, odometer_chain_problems, short_name)
 
 NO_ODOMETER = ("not checked against any odometer (--odometer FILE): a ledger alone cannot show prior events "
                "that were dropped, records removed together with every run file that would show them, or a "
@@ -40,9 +41,14 @@ class OdometerFindings:
     unchecked: list[str] = field(default_factory=list)  # what could not be checked, in words
 
 
+def _key(value):
+    """A JSON value usable as a key: a hostile file's list or object becomes its canonical text."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value, sort_keys=True)
+
+
 def _event(line: dict) -> tuple:
     """A charge or prior event as comparable data: (sigma, q, steps, sampling)."""
-    return (line.get("noise_multiplier"), line.get("sampling_rate"), line.get("steps"), line.get("sampling"))
+    return tuple(_key(line.get(name)) for name in ("noise_multiplier", "sampling_rate", "steps", "sampling"))
 
 
 def _describe(events) -> str:
@@ -51,15 +57,18 @@ def _describe(events) -> str:
 
 
 def _epsilon(events: list[tuple], delta) -> float | None:
-    """Epsilon of charges composed canonically (equal settings grouped, in order of first appearance)."""
+    """Epsilon of charges composed canonically (equal settings grouped, in order of first appearance);
+    None for a figure that cannot be recomputed (the same bounds as a ledger record's)."""
     if not _valid_delta(delta):
         return None
     groups: dict[tuple, int] = {}
     for sigma, q, steps, sampling in events:
-        if not (_is_number(sigma) and _is_number(q) and _is_int(steps)):
-            return None  # the odometer itself refuses such a line; nothing to compose
+        if _mechanism_problems({"noise_multiplier": sigma, "sampling_rate": q, "steps": steps, "sampling": sampling}):
+            return None
         if steps > 0:
             groups[(sigma, q, sampling)] = groups.get((sigma, q, sampling), 0) + steps
+    if sum(groups.values()) > 10 * MAX_STEPS:
+        return None
     return _pld_epsilon(tuple(groups.items()), float(delta))
 
 
@@ -89,10 +98,10 @@ def _run_of(lines: list[dict], records: list[dict], known: int | None, name: str
     """The run id this ledger's charges carry: the run directory's, or else the run its charges match."""
     if known is not None:
         return known
-    charged = {(_hospital_key(r.get("hospital")), r.get("round"), _event(r)) for r in records
+    charged = {(_hospital_key(r.get("hospital")), _key(r.get("round")), _event(r)) for r in records
                if r.get("status") in CHARGED}
     votes = Counter(str(line.get("run")) for line in lines
-                    if (str(line.get("hospital")), line.get("round"), _event(line)) in charged)
+                    if (str(line.get("hospital")), _key(line.get("round")), _event(line)) in charged)
     if not votes:
         return None
     (key, count), *rest = votes.most_common()
@@ -110,7 +119,7 @@ def _views(lines: list[dict], run, shards: ShardFiles, problems: list[str], name
     views = {}
     for hospital in dict.fromkeys(str(line.get("hospital")) for line in lines):
         own = [(i, line) for i, line in enumerate(lines)
-               if line.get("run") == run and run is not None and str(line.get("hospital")) == hospital]
+               if run is not None and line.get("run") == run and str(line.get("hospital")) == hospital]
         shard = own[0][1].get("shard") if own else None
         if len({str(line.get("shard")) for _, line in own}) > 1:
             problems.append(f"hospital {short_name(hospital)}: its charges of this run in odometer {name} name "
@@ -141,6 +150,10 @@ def check_odometers(records: list[dict], context: RunContext, rows: list, hospit
         found.problems += [f"odometer {name}: {p}" for p in odometer_chain_problems(lines)]
         if any("shard" in line for line in lines):
             simulated_file = name
+            if not (Path(name).parent / "shards").is_dir():
+                found.notes.append(f"odometer {name} names simulated shards but has no shards/ directory beside it: "
+                                   "every charge is counted for every hospital (the simulation's own rule for a "
+                                   "missing shard file), so prior events may show as missing")
         run = _run_of(lines, records, context.run_id, name, found.notes)
         views = _views(lines, run, ShardFiles(Path(name)), found.problems, name)
         if not set(views) & set(by_hospital) and not any(v.own for v in views.values()):
@@ -181,9 +194,8 @@ def _set_figure(summary, view: _View, ledger: list) -> None:
     ledger_groups = Counter()
     for record, _ in ledger:
         for event in record.get("prior_events", []) + record.get("added_prior_events", []) + [record]:
-            if event.get("steps") and _is_int(event.get("steps")):
-                ledger_groups[(event.get("noise_multiplier"), event.get("sampling_rate"), event.get("sampling"))] += \
-                    event["steps"]
+            sigma, q, steps, sampling = _event(event)
+            ledger_groups[(sigma, q, sampling)] += steps if _is_int(steps) else 0
     if +groups == +ledger_groups and view.delta == summary.delta and summary.epsilon_pld is not None:
         summary.epsilon_odometer = summary.epsilon_pld  # the same events: the same figure, not computed twice
     else:
@@ -197,7 +209,7 @@ def _check_hospital(hospital: str, view: _View, ledger: list, name: str, stopped
     shown = short_name(hospital)
     charges: dict[object, list[tuple[int, dict]]] = {}
     for index, line in view.own:
-        charges.setdefault(line.get("round"), []).append((index, line))
+        charges.setdefault(_key(line.get("round")), []).append((index, line))
     if view.own and not ledger:
         rounds = ", ".join(_short(line.get("round")) for _, line in view.own[:10])
         text = (f"hospital {shown}: odometer {name} holds {len(view.own)} charge(s) of this run (rounds {rounds}) but "
@@ -206,7 +218,7 @@ def _check_hospital(hospital: str, view: _View, ledger: list, name: str, stopped
         (found.notes if stopped else found.problems).append(text)
         return
     for record, row in ledger:
-        at = charges.get(record.get("round"))
+        at = charges.get(_key(record.get("round")))
         if record.get("status") in CHARGED:
             if not at:
                 found.problems.append(
@@ -253,12 +265,12 @@ def _check_prior(shown: str, view: _View, ledger: list, name: str, found: Odomet
     record, prior_events and the added_prior_events so far are exactly the others written before
     that record's charge. (A lost record is ledgered later, from another reply, and a declined
     one has no charge to place it: only the whole is checked for them.)"""
-    charge_at = {line.get("round"): index for index, line in view.own}
+    charge_at = {_key(line.get("round")): index for index, line in view.own}
     known = Counter()
     for number, (record, row) in enumerate(ledger):
         known += Counter(_event(event) for event in (record.get("prior_events", []) if number == 0 else []))
         known += Counter(_event(event) for event in record.get("added_prior_events", []))
-        index = charge_at.get(record.get("round"))
+        index = charge_at.get(_key(record.get("round")))
         if record.get("status") != "trained" or index is None:
             continue
         expected = Counter(view.others(before=index))
