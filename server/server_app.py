@@ -51,11 +51,15 @@ class StopFlag:
     """Set by SIGINT/SIGTERM (where this process receives them) or by the file <run-dir>/STOP.
 
     A deployed ServerApp that Flower's SuperExec started (`flwr-serverapp --parent-pid`) also
-    watches that parent, as Flower does: when it is gone (the SuperLink died), no round can
-    complete and Flower's Runtime API client would retry forever (Flower's own parent monitor
-    only raises SIGINT, which here asks for a stop after the round). So `on_orphaned` records
-    the run as interrupted and the process ends at once. The last checkpoint stands;
-    `resume-dir` continues from it once a SuperLink is back.
+    watches that parent, and the SuperLink the SuperExec serves (its own `--parent-pid`): when
+    either is gone, no round can complete and Flower's Runtime API client would retry forever
+    (Flower's own parent monitor only raises SIGINT, which here asks for a stop after the
+    round). So `on_orphaned` records the run as interrupted and the process ends at once. The
+    last checkpoint stands; `resume-dir` continues from it once a SuperLink is back.
+
+    A killed process that its parent has not reaped yet (a zombie) counts as gone. Flower's
+    monitor (`os.kill(pid, 0)`) takes a zombie for alive, so a SuperExec outlives its killed
+    SuperLink; the ServerApp then sends it the SIGINT Flower's monitor would have sent.
     """
 
     WATCH_SECONDS = 1.0
@@ -74,14 +78,17 @@ class StopFlag:
         if "--parent-pid" not in sys.argv:
             return  # not started by Flower's SuperExec (which Flower itself ends the process with)
         parent = os.getppid()
+        superlink = _parent_pid_argument(parent)
 
         def watch() -> None:
-            while os.getppid() == parent:
+            while os.getppid() == parent and not (superlink and _process_gone(superlink)):
                 time.sleep(self.WATCH_SECONDS)
             try:
                 if self.on_orphaned is not None:
                     self.on_orphaned()
             finally:
+                if os.getppid() == parent:  # the SuperLink is gone and its SuperExec has not noticed
+                    _interrupt(parent)
                 os._exit(EXIT_INTERRUPTED)  # the main thread may be stuck retrying a SuperLink that is gone
 
         threading.Thread(target=watch, name="hospital-fl-parent-watch", daemon=True).start()
@@ -99,6 +106,36 @@ class StopFlag:
 
     def requested(self) -> bool:
         return self.signalled.is_set() or self.stop_file.exists()
+
+
+def _parent_pid_argument(pid: int) -> int | None:
+    """The `--parent-pid` a Flower process was started with (a SuperExec's: its SuperLink), or None."""
+    import psutil
+
+    try:
+        argv = psutil.Process(pid).cmdline()
+        return int(argv[argv.index("--parent-pid") + 1])
+    except (psutil.Error, ValueError, IndexError):
+        return None
+
+
+def _process_gone(pid: int) -> bool:
+    """Has this process ended? A zombie (dead, not yet reaped by its parent) has."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False  # not ours to inspect: take it for alive, as Flower does
+
+
+def _interrupt(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGINT)
+    except OSError:
+        pass  # gone meanwhile
 
 
 class _EngineErrorsToLog(logging.Filter):
@@ -304,7 +341,9 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         "lr_schedule": config.train.lr_schedule,
         "l2_norm_clip": config.dp.l2_norm_clip,
         "noise_multiplier": config.dp.noise_multiplier,  # a number, or "auto": each hospital plans its own
-        "planned_rounds": config.rounds,
+        # The rounds of the whole run, a repeated one included: a hospital's learning-rate schedule
+        # (and its noise plan, "auto") spans them all, so a repeated last round still trains.
+        "planned_rounds": last_round,
         # The first Flower run of this run directory: stays the same across resumes, so each
         # hospital keeps the noise it planned for the whole run.
         "coordinator-run": flower_runs[0],
@@ -347,8 +386,8 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
             record["seconds"] = round(time.time() - round_started, 3)
             run.append_metrics(record)
             metrics.append(record)
-            completed = server_round
             save_checkpoint(server_round)
+            completed = server_round  # saved: a resume continues after it (a full disk before this repeats it)
             run.write_status(_status("running", completed, strategy, "the run has not finished",
                                      exit_code=EXIT_WITH_PROBLEMS))
             print(round_line(record, last_round, ledger.latest()) + _outcome_text(outcome, outcome.updated),
