@@ -118,15 +118,20 @@ def epsilon_figure(ledger_records: list[dict], ylabel: str = "cumulative epsilon
         if len(hospitals) > LISTED:
             what = f"median of {len(hospitals)} hospitals"
         else:
-            what = f"{len(hospitals)} hospitals (lines coincide within {spread:.3g})"
+            what = (f"{len(hospitals)} hospitals (identical)" if spread == 0 else
+                    f"{len(hospitals)} hospitals (lines coincide within {spread:.3g})")
         axis.fill_between(rounds, lows, highs, color="tab:blue", alpha=0.25, label="min-max band")
         axis.plot(rounds, middle, color="tab:blue", marker="o", markersize=3, label=what)
         last = rounds[-1]
         final = {h: by[h, last] for h in hospitals if (h, last) in by and math.isfinite(by[h, last])}
         if final:
             low, high = min(final, key=final.get), max(final, key=final.get)
-            note = (f"round {last}: highest {high} {final[high]:.3f}, lowest {low} {final[low]:.3f}"
-                    if low != high else f"round {last}: {high} {final[high]:.3f}")
+            if final[high] == final[low] and len(final) > 1:
+                note = f"round {last}: all {len(final)} hospitals at {final[high]:.3f}"
+            elif low != high:
+                note = f"round {last}: highest {high} {final[high]:.3f}, lowest {low} {final[low]:.3f}"
+            else:
+                note = f"round {last}: {high} {final[high]:.3f}"
             axis.text(0.98, 0.04, note, transform=axis.transAxes, fontsize=8, va="bottom", ha="right",
                       bbox={"facecolor": "white", "edgecolor": "0.8", "alpha": 0.9})
     else:

@@ -113,3 +113,9 @@ def test_an_infinite_or_unreadable_epsilon_leaves_a_gap_not_a_crash(tmp_path):
     assert axis.get_ylabel() == "cumulative epsilon (PLD, recomputed)"
     assert 3.0 < axis.get_ylim()[1] < 9.0  # the string round is left out; inf does not stretch the axis
     assert plots.save(figure, tmp_path / "epsilon.png").stat().st_size > 3000
+
+
+def test_identical_hospitals_are_said_to_be_identical():
+    axis = plots.epsilon_figure(_ledger([0, 1], 2, lambda i, n: 2.5 * n)).axes[0]
+    assert "2 hospitals (identical)" in _labels(axis)
+    assert axis.texts[0].get_text() == "round 2: all 2 hospitals at 5.000"
