@@ -30,6 +30,7 @@ from server.provenance import PACKAGES, now_utc, provenance
 from server.report import chance_warning
 
 LISTED = plots.LISTED  # at most this many hospitals get their own line, bar label or legend entry
+AUDIT_RECORDS = 2000  # beyond this many ledger records the report leaves the audit to its command (minutes of CPU)
 CONFUSION_CLASSES = 20  # beyond this many classes the matrix is left out (per-class recall stays)
 UNITS = {  # what one epsilon protects, per the ledger's `unit` (a record without one: image)
     "image": "image (each epsilon protects one image; a patient with k images is protected at group size k)",
@@ -92,7 +93,11 @@ def _audit_section(path: Path) -> list[str]:
     try:
         from server.audit import audit_ledger, read_context, read_ledger
 
-        report = audit_ledger(read_ledger(str(path)), accountant="pld", jobs=1, context=read_context(str(path), []))
+        records = read_ledger(str(path))
+        if len(records) > AUDIT_RECORDS:
+            return lines + [f"The ledger holds {len(records)} records: audit it with `{hint}` (exit 0 when every "
+                            "check passes).", ""]
+        report = audit_ledger(records, accountant="pld", jobs=1, context=read_context(str(path), []))
     except Exception as error:  # noqa: BLE001 - the report still gets written; the command says more
         return lines + [f"The audit could not run here ({type(error).__name__}: {str(error)[:200]}): run `{hint}`.", ""]
     took = time.monotonic() - started
