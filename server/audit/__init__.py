@@ -51,7 +51,7 @@ differ from PLDAccountant's in about the tenth digit, so every audit checks its 
 history against PLDAccountant (within 1e-8) and RdpAccountant (bit for bit): a changed
 dp_accounting is caught rather than trusted. Identical histories are computed once, and
 hospitals are spread over processes for large ledgers (--jobs). 5 hospitals x 20 rounds, each
-with its own sigma and q: ~6.5 s of CPU (13 s before incremental composition).
+with its own sigma and q: ~7 s (24-28 s before incremental composition, on 2 shared cores).
 
 Checks, each failure one numbered discrepancy:
   - reported epsilon equals the PLD recomputation (relative 1e-6, absolute 1e-9 near zero);

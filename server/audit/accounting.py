@@ -19,7 +19,7 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-PARALLEL_MIN_HISTORIES = 40   # below this, starting processes (~3 s each) costs more than it saves
+PARALLEL_MIN_HISTORIES = 200  # below this, starting processes (~3 s each) costs more than it saves
 TAIL_MASS_TRUNCATION = 1e-15  # what each incremental composition may move to infinity (self_compose's default)
 
 # Read the accountant's own defaults so "PLDAccountant() with default arguments" stays true.
