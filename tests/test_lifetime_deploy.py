@@ -30,7 +30,9 @@ def test_deploy_a_superlink_killed_and_not_reaped_ends_the_serverapp_interrupted
         commands = [" ".join(p.cmdline()) for p in below]
         assert any("flwr-serverapp" in c for c in commands) and any("flower-superexec" in c for c in commands), commands
         os.kill(superlink.pid, signal.SIGKILL)  # and no wait(): it stays a zombie
-        assert psutil.Process(superlink.pid).status() == psutil.STATUS_ZOMBIE
+        # The signal is delivered asynchronously: the process is a zombie a moment later.
+        wait_for(lambda: psutil.Process(superlink.pid).status() == psutil.STATUS_ZOMBIE, 30, 0.1,
+                 "the killed SuperLink to be a zombie")
         _, alive = psutil.wait_procs(below, timeout=120)
         assert alive == [], [p.cmdline() for p in alive]  # neither the ServerApp nor the SuperExec is left
         status = json.loads((fed.run_dir / "status.json").read_text())
