@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import statistics
 
+from server.cli import command
+
 LISTED_HOSPITALS = 10  # beyond this a round line shows min / median / max instead of each
 
 
@@ -118,5 +120,5 @@ def summary_lines(run, latest: dict[str, dict], exhausted: list[str], declined_a
                          "train.local_epochs also helps.")
     lines.append(f"Run directory: {run.path} (report.md, config.yaml, metrics.jsonl, privacy_ledger.jsonl, "
                  "model.keras, plots)")
-    lines.append(f"Audit it: python -m server.audit {run.path}")
+    lines.append(f"Audit it: {command('audit', str(run.path))}")
     return lines

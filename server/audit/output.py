@@ -4,10 +4,9 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 
 from server.audit.accounting import _dp_accounting_version
-from server.audit.checks import RDP_NOTE_MARGIN, AuditReport, AuditRow
+from server.audit.checks import RDP_NOTE_MARGIN, AuditReport
 from server.audit.reading import _is_int, _is_number, _short, short_name
 
 # --------------------------------------------------------------------------- output
@@ -133,32 +132,9 @@ def _headline(report: AuditReport) -> list[str]:
 
 
 def plot_report(report: AuditReport, path: str | os.PathLike) -> None:
-    """Cumulative recomputed epsilon per round, one line per hospital, dashed budget lines."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: the officer may run this on a headless machine
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    """Cumulative recomputed epsilon per round and hospital, in the run report's style (server/plots.py)."""
+    from server.plots import epsilon_plot
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    by_hospital: dict[str, list[AuditRow]] = {}
-    for row in report.rows:
-        if _is_int(row.round) and row.epsilon_pld is not None:
-            by_hospital.setdefault(row.hospital, []).append(row)
-    for index, (name, rows) in enumerate(sorted(by_hospital.items())):
-        color = f"C{index % 10}"
-        # An infinite epsilon (zero noise) cannot be drawn; leave a gap rather than a fake value.
-        ys = [r.epsilon_pld if math.isfinite(r.epsilon_pld) else np.nan for r in rows]
-        ax.plot([r.round for r in rows], ys, marker="o", markersize=3, color=color, label=name)
-        budget = rows[-1].max_epsilon
-        if _is_number(budget) and math.isfinite(budget):
-            ax.axhline(budget, color=color, linestyle="--", linewidth=0.8, alpha=0.7)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-    ax.set_xlabel("round")
-    ax.set_ylabel("cumulative epsilon (PLD, recomputed)")
-    ax.set_title("Privacy spend per hospital (dashed: each hospital's max_epsilon)")
-    if 0 < len(by_hospital) <= 15:  # beyond that a legend hides the plot
-        ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    rows = [{"hospital": r.hospital, "round": r.round, "epsilon": r.epsilon_pld, "max_epsilon": r.max_epsilon,
+             "delta": r.delta} for r in report.rows if _is_int(r.round) and r.epsilon_pld is not None]
+    epsilon_plot(rows, path, ylabel="cumulative epsilon (PLD, recomputed)")
