@@ -28,13 +28,14 @@ from common.durable import disk_full_line, is_disk_full
 from common.errors import UserError
 from common.federation import central_test_set, hospital_label_counts
 from common.metrics import evaluate_model
-from common.model import make_model
+from common.model import make_model, save_model
 from common.tf_setup import keras
 from server import checkpoint
 from server.ledger import PrivacyLedger
 from server.plan import ask_plans, plan_lines
 from server.replies import RoundPlan
 from server.report import round_line, summary_lines
+from server.provenance import note_flower_run, provenance
 from server.report_md import write_report
 from server.run_dir import RunDirectory
 from server.simulated import simulated_hospitals
@@ -224,12 +225,13 @@ def _status(state: str, rounds: int, strategy: PrivateFedAvg, reason: str, exit_
     if exit_code is None:
         exit_code = EXIT_WITH_PROBLEMS if failed or rejected else EXIT_FINISHED
     return {"state": state, "rounds_completed": rounds, "failed_hospitals": failed,
-            "rejected_hospitals": rejected, "exit_code": exit_code, "reason": reason}
+            "rejected_hospitals": rejected, "exit_code": exit_code, "reason": reason, "provenance": provenance()}
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds and write the run directory; status.json tells how it ended."""
+    note_flower_run(grid)  # Flower's run and its app bundle hash, for status.json's provenance
     simulated = simulated_hospitals(grid)  # 0 in a deployment
     try:
         config, run, saved = _open_run(context, simulated)
@@ -489,7 +491,7 @@ def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, 
     for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), flower_runs):
         log.info("%s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
     model.set_weights(arrays.to_numpy_ndarrays())
-    model.save(run.model)
+    save_model(model, run.model)  # standard layers: plain tf_keras.models.load_model reads it
     run.plot_accuracy()
     for line in summary_lines(run, ledger.latest(), strategy.exhausted(), strategy.declined_at, time.time() - started,
                               first_round, last_round):
