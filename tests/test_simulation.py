@@ -149,6 +149,7 @@ def test_each_hospital_carries_its_momentum_into_its_next_round(first_run):
     config = yaml.safe_load((run / "config.yaml").read_text())
     log = Path(config["privacy"]["odometer_dir"]) / "simulation.train-log.jsonl"
     rounds = [json.loads(line) for line in log.read_text().splitlines()]
+    rounds = [r for r in rounds if r["run"] == rounds[0]["run"]]  # the reshuffle test reruns on this odometer
     assert [r["momentum_carried"] for r in rounds if r["round"] == 1] == [False, False]
     assert [r["momentum_carried"] for r in rounds if r["round"] == 2] == [True, True]
     assert "momentum" not in (run / "privacy_ledger.jsonl").read_text()
