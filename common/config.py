@@ -7,6 +7,7 @@ config carries the resolved config as one JSON string, mapped back here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -370,6 +371,26 @@ def from_dict(values: dict) -> Config:
 RUN_CONFIG_OWN_KEYS = ("config-path", "config-json", "run-dir", "resume-dir")
 
 
+@functools.cache
+def _flat_defaults() -> dict:
+    """The embedded default config as flat dotted keys (the names of [tool.flwr.app.config])."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+        return out
+    return flat(to_dict(Config()))
+
+
+def _same(default, value) -> bool:
+    """Equal in value and kind (Flower may hand 20 as 20.0; True is not 1)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return default is value
+    if isinstance(default, (int, float)) and isinstance(value, (int, float)):
+        return float(default) == float(value)
+    return default is not None and type(default) is type(value) and default == value
+
+
 def from_run_config(run_config: dict, simulated_hospitals: int = 0) -> Config:
     """The one mapping from Flower's run config onto the schema.
 
@@ -387,8 +408,11 @@ def from_run_config(run_config: dict, simulated_hospitals: int = 0) -> Config:
             raise UserError(f"config file not found: {path} (set the run-config key config-path to an existing "
                             "YAML file of the app)")
         config = load_config(path)
+    defaults = _flat_defaults()
     for key, value in run_config.items():
-        if key in RUN_CONFIG_OWN_KEYS or value == "":
+        # pyproject declares each flat key at its embedded default (typed, as Flower's templates
+        # do): a key at that value is "not set", so config-json and config-path keep theirs.
+        if key in RUN_CONFIG_OWN_KEYS or value == "" or _same(defaults.get(key), value):
             continue
         nested: dict = {}
         node = nested
