@@ -159,7 +159,7 @@ def simulation_site(config: Config, partition_id: int) -> HospitalSite:
     Accounting follows the images: every simulated hospital charges one shared odometer,
     each charge tagged with its shard, and a shard counts every earlier charge on a shard
     that shared at least one image with it (see client/shards.py)."""
-    from client.shards import ShardRegistry  # simulation only
+    from client.shards import ShardRegistry, source_identity  # simulation only
 
     federation = load_federation(config)
     shard = federation.shards[partition_id]
@@ -173,7 +173,7 @@ def simulation_site(config: Config, partition_id: int) -> HospitalSite:
     hashes = _hashes(shard.train_x, shard.train_y)
     registry = ShardRegistry(Path(config.privacy.odometer_dir))
     source = config.data.path[partition_id] if isinstance(config.data.path, list) else config.data.path
-    shard_id = registry.register(hashes, source=f"{config.data.source}:{source}", form=_form(shard.train_x))
+    shard_id = registry.register(hashes, source=source_identity(config.data.source, source), form=_form(shard.train_x))
     odometer = PrivacyOdometer(
         Path(config.privacy.odometer_dir) / SIMULATION_ODOMETER, shard.name,
         config.privacy.max_epsilon, config.privacy.delta, data_fingerprint=fingerprint(hashes),

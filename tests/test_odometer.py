@@ -149,3 +149,40 @@ def test_a_charge_that_cannot_be_written_refuses_training_as_an_odometer_failure
     again = PrivacyOdometer(tmp_path / "odo.jsonl", "h", max_epsilon=8.0, delta=1e-5)
     assert len(again.records) == 1  # nothing half-written, and the file still reads
     assert again.reserve(EVENT, run=1, round_number=2).charged
+
+
+def test_the_same_npz_named_by_another_path_and_prepared_at_another_size_inherits_the_spend(tmp_path, monkeypatch):
+    """Issue 25 item 2: a relative path at the native size, then a symlink's absolute path at 32x32."""
+    from client.task import simulation_site
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "scans.npz", train_images=rng.integers(0, 255, (120, 28, 28), dtype=np.uint8),
+             train_labels=rng.integers(0, 2, (120, 1)), test_images=rng.integers(0, 255, (20, 28, 28), dtype=np.uint8),
+             test_labels=rng.integers(0, 2, (20, 1)))
+    (tmp_path / "elsewhere").symlink_to(data)
+    odometer = f"privacy.odometer_dir={tmp_path / 'odometer'}"
+    common = [odometer, "hospitals=1", "data.source=npz", "train.batch_size=16", "privacy.max_epsilon=20"]
+    monkeypatch.chdir(tmp_path)
+    native = simulation_site(load_config(None, common + ["data.path=data/scans.npz"]), 0)
+    assert native.train_x.shape[1:3] == (28, 28)
+    assert native.odometer.reserve(EVENT, run=1, round_number=1).charged
+
+    resized = simulation_site(load_config(None, common + [f"data.path={tmp_path}/elsewhere/scans.npz",
+                                                          "data.image_size=32"]), 0)
+    assert resized.train_x.shape[1:3] == (32, 32)
+    assert resized.odometer.prior_events(run=2) == [EVENT]
+    assert resized.odometer.spent() == pytest.approx(epsilon([EVENT], DELTA))
+
+    # The same bytes copied to a new place (no shared path at all) are still the same data.
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "scans.npz").write_bytes((data / "scans.npz").read_bytes())
+    copied = simulation_site(load_config(None, common + [f"data.path={tmp_path}/copy/scans.npz",
+                                                         "data.image_size=16"]), 0)
+    assert copied.odometer.prior_events(run=3) == [EVENT]
+    # Other data at another size starts from zero.
+    np.savez(tmp_path / "other.npz", train_images=rng.integers(0, 255, (120, 28, 28), dtype=np.uint8),
+             train_labels=rng.integers(0, 2, (120, 1)))
+    other = simulation_site(load_config(None, common + [f"data.path={tmp_path}/other.npz", "data.image_size=32"]), 0)
+    assert other.odometer.prior_events(run=4) == []
