@@ -211,7 +211,11 @@ def _switch(node_config: dict, key: str, *, default: bool) -> bool:
 
 
 NODE_CONFIG_REQUIRED = ("hospital-id", "data-path", "max-epsilon", "delta", "odometer-path")
-NODE_CONFIG_OPTIONAL = ("data-source", "eval-fraction", "evaluate", "on-bad-image", "split-seed", "model-builders")
+NODE_CONFIG_OPTIONAL = ("data-source", "eval-fraction", "evaluate", "on-bad-image", "split-seed", "model-builders",
+                        "num-classes", "split-image-size")
+# The images a hospital's split is decided on, when neither its node config nor an existing split
+# file says: small (cheap to decode twice), grey, and fixed, so no run config can choose it.
+SPLIT_PREPARATION = {"image_size": 32, "color": "gray"}
 
 
 def _check_node_keys(node_config: dict) -> None:
@@ -259,15 +263,10 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     on_bad_image = str(node_config.get("on-bad-image", "refuse"))
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise UserError(f"node config on-bad-image must be \"refuse\" or \"skip\", got {on_bad_image[:20]!r}")
-    try:
-        dataset = load_dataset(source, str(node_config["data-path"]), image_size=config.data.image_size,
-                               color=config.data.color, on_bad_image=on_bad_image,
-                               duplicates=config.data.duplicates)
-    except UserError as error:  # the data's own messages name the run config's keys; here they are the node's
-        text = str(error)
-        for run_key, node_key in (("data.path", "data-path"), ("data.source", "data-source")):
-            text = text.replace(run_key, f"the node config's {node_key}")
-        raise UserError(text) from None
+    load = functools.partial(_load_node_data, source, str(node_config["data-path"]), on_bad_image,
+                             config.data.duplicates)
+    dataset = load(config.data.image_size, config.data.color)
+    num_classes = _num_classes(node_config, dataset)
     train_x, train_y = dataset.train_x, dataset.train_y
     units = privacy_units(dataset.train_patients, dataset.train_groups)
     hashes = _hashes(train_x, train_y)
@@ -275,11 +274,23 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
         eval_x, eval_y = dataset.test_x, dataset.test_y
     else:
         # The hospital's split: its own fraction and seed, stored beside the odometer the first
-        # time and reused; nothing in the run config can move an example.
-        seed = str(node_config.get("split-seed", fingerprint(hashes)))
-        prepared = {"image_size": config.data.image_size} | ({"color": config.data.color} if source in ("folder", "table") else {})
-        train_idx, eval_idx = hospital_split(hashes, odometer_path.with_name(odometer_path.name + ".split.json"),
-                                             eval_fraction, seed, prepared, groups=dataset.train_groups)
+        # time and reused; nothing in the run config can move an example. It is decided on the
+        # images prepared the hospital's way (_split_preparation), not the run's: a coordinator's
+        # first query must not pin how every later run prepares them.
+        split_file = odometer_path.with_name(odometer_path.name + ".split.json")
+        ran = {"image_size": config.data.image_size, "color": config.data.color}
+        prepared = _split_preparation(node_config, split_file, source, ran)
+        placed = dataset if all(ran[k] == v for k, v in prepared.items()) else load(prepared["image_size"],
+                                                                                       prepared.get("color", "gray"))
+        if len(placed.train_y) != len(train_y) or not np.array_equal(placed.train_y, train_y):
+            raise UserError(f"{name}'s data loads as other examples at this run's data.image_size/data.color than "
+                            f"at its split's ({prepared}): with data.duplicates=drop, images identical at one size "
+                            "are not at another; use data.duplicates=group")
+        placed_hashes = hashes if placed is dataset else example_hashes(placed.train_x, placed.train_y)
+        seed = str(node_config.get("split-seed", fingerprint(placed_hashes)))
+        train_idx, eval_idx = hospital_split(placed_hashes, split_file, eval_fraction, seed, prepared,
+                                             groups=placed.train_groups)
+        del placed
         train_x, train_y, eval_x, eval_y = train_x[train_idx], train_y[train_idx], train_x[eval_idx], train_y[eval_idx]
         hashes = [hashes[i] for i in train_idx]
         units = None if units is None else np.unique(units[train_idx], return_inverse=True)[1]
@@ -289,10 +300,65 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     odometer = PrivacyOdometer(odometer_path, name, max_epsilon, delta,
                                data_fingerprint=fingerprint(hashes))
     evaluate = _switch(node_config, "evaluate", default=True)
-    site = HospitalSite(name, train_x, train_y, eval_x, eval_y, dataset.num_classes, odometer, evaluate, units)
+    site = HospitalSite(name, train_x, train_y, eval_x, eval_y, num_classes, odometer, evaluate, units)
     _announce(site, "this hospital's own")
     return site
 
+
+def _load_node_data(source: str, path: str, on_bad_image: str, duplicates: str, image_size: int, color: str):
+    try:
+        return load_dataset(source, path, image_size=image_size, color=color, on_bad_image=on_bad_image,
+                            duplicates=duplicates)
+    except UserError as error:  # the data's own messages name the run config's keys; here they are the node's
+        text = str(error)
+        for run_key, node_key in (("data.path", "data-path"), ("data.source", "data-source")):
+            text = text.replace(run_key, f"the node config's {node_key}")
+        raise UserError(text) from None
+
+
+def _num_classes(node_config: dict, dataset) -> int:
+    """The class count of the study, from the node config when it says (an `.npz` hospital should).
+
+    Read from the labels alone, the count is the largest label + 1: a coordinator whose model fits
+    one count and not another would learn whether the one patient of the top class is present."""
+    if "num-classes" not in node_config:
+        return dataset.num_classes
+    try:
+        count = int(str(node_config["num-classes"]))
+    except ValueError:
+        count = 0
+    if count < 2:
+        raise UserError(f"node config num-classes={str(node_config['num-classes'])[:20]!r} must be a whole number >= 2")
+    if dataset.num_classes > count:
+        raise UserError(f"node config num-classes={count}, but the data holds label {dataset.num_classes - 1}: "
+                        f"labels must be 0..{count - 1}")
+    return count
+
+
+def _split_preparation(node_config: dict, split_file: Path, source: str, ran: dict) -> dict:
+    """How the images the split is decided on are prepared: node config, else the split file's, else fixed.
+
+    A split file of a version that did not record it was decided on the run's images (`ran`):
+    client/split.py adopts that only if the examples are the known ones."""
+    color = {"color": "gray"} if source in ("folder", "table") else {}
+    if "split-image-size" in node_config:
+        try:
+            size = int(str(node_config["split-image-size"]))
+        except ValueError:
+            size = -1
+        if size < 0:
+            raise UserError(f"node config split-image-size={str(node_config['split-image-size'])[:20]!r} must be 0 "
+                            "(the data's own size) or a side length in pixels")
+        return {"image_size": size} | color
+    try:
+        stored = json.loads(split_file.read_text(encoding="utf-8")).get("prepared")
+    except (OSError, ValueError, AttributeError):
+        stored = None  # no file yet (or an unreadable one, which hospital_split refuses)
+    if isinstance(stored, dict) and isinstance(stored.get("image_size"), int):
+        return {"image_size": stored["image_size"]} | ({"color": str(stored.get("color", "gray"))} if color else {})
+    if split_file.exists():
+        return {"image_size": ran["image_size"]} | ({"color": ran["color"]} if color else {})
+    return {"image_size": SPLIT_PREPARATION["image_size"]} | color
 
 @functools.lru_cache(maxsize=4)
 def _trainer(input_shape, num_classes, model_json, l2_norm_clip, learning_rate, momentum):

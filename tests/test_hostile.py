@@ -227,30 +227,79 @@ def test_the_deployed_split_is_the_hospitals_and_survives_other_run_configs(tmp_
     assert first.odometer.data_fingerprint == changed.odometer.data_fingerprint != ""
 
 
-def test_a_coordinator_that_changes_how_images_are_prepared_cannot_move_an_example(tmp_path):
-    """Resized images hash differently: without the check, every example would be placed anew."""
+def test_a_coordinator_that_changes_how_images_are_prepared_cannot_move_or_pin_an_example(tmp_path):
+    """The split is decided on the hospital's own preparation (issue 25 item 4): any run's
+    data.image_size trains on the same examples, and the first query pins nothing."""
     import json
 
     from client.split import PreparationChanged
-    from client.task import deployment_site
+    from client.task import SPLIT_PREPARATION, deployment_site
     from common.config import load_config
 
-    node = _node(tmp_path)
-    first = deployment_site(node, load_config(None, []))
+    # Image i is flat at grey level i: it stays recognisable at every size.
+    levels = np.arange(200, dtype=np.uint8)
+    data = tmp_path / "flat.npz"
+    np.savez(data, train_images=np.repeat(levels, 64).reshape(200, 8, 8), train_labels=levels % 2)
+    node = {**_node(tmp_path), "data-path": str(data)}
+
+    def eval_levels(site):
+        return sorted(int(image[0, 0, 0]) for image in site.eval_x)
+
+    resized = deployment_site(node, load_config(None, ["data.image_size=10"]))  # a hostile first query
+    assert resized.eval_x.shape[1:3] == (10, 10)
+    split_file = tmp_path / "odo.jsonl.split.json"
+    assert json.loads(split_file.read_text())["prepared"] == {"image_size": SPLIT_PREPARATION["image_size"]}
+    native = deployment_site(node, load_config(None, []))  # an honest run later is not locked out
+    assert native.eval_x.shape[1:3] == (8, 8)
+    assert eval_levels(native) == eval_levels(resized) and 15 <= len(native.eval_y) <= 65
+    assert sorted(int(i[0, 0, 0]) for i in native.train_x) == sorted(set(range(200)) - set(eval_levels(native)))
+    # The hospital may choose the preparation itself, in its node config.
+    other = tmp_path / "other"
+    other.mkdir()
+    own = deployment_site({**node, "odometer-path": str(other / "odo.jsonl"), "split-image-size": 0},
+                          load_config(None, ["data.image_size=10"]))
+    assert json.loads((other / "odo.jsonl.split.json").read_text())["prepared"] == {"image_size": 0}
+    assert len(own.eval_y) + len(own.train_y) == 200
+
+    # A split file written before the preparation was recorded was decided on the run's images:
+    # the same preparation is adopted, another refused.
+    stored = json.loads(split_file.read_text())
+    stored["eval"] = sorted(json.loads(split_file.read_text())["eval"])
+    del stored["prepared"]
+    split_file.write_text(json.dumps(stored))
     with pytest.raises(PreparationChanged) as refused:
         deployment_site(node, load_config(None, ["data.image_size=10"]))
     assert refused.value.category == "settings"
-    split_file = tmp_path / "odo.jsonl.split.json"
-    # A split file written before the preparation was recorded: a changed preparation is
-    # refused too, the same one adopted.
-    stored = json.loads(split_file.read_text())
-    del stored["prepared"]
-    split_file.write_text(json.dumps(stored))
-    with pytest.raises(PreparationChanged):
-        deployment_site(node, load_config(None, ["data.image_size=10"]))
-    again = deployment_site(node, load_config(None, []))
-    assert {r.tobytes() for r in again.eval_x} == {r.tobytes() for r in first.eval_x}
-    assert json.loads(split_file.read_text())["prepared"] == {"image_size": 0}
+    again = deployment_site(node, load_config(None, [f"data.image_size={SPLIT_PREPARATION['image_size']}"]))
+    assert eval_levels(again) == eval_levels(native)
+
+
+@pytest.mark.parametrize("value, message", [("1", "whole number >= 2"), ("x", "whole number >= 2"),
+                                            ("1.5", "whole number >= 2")])
+def test_num_classes_in_the_node_config_is_checked(tmp_path, value, message):
+    from client.task import deployment_site
+    from common.config import load_config
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        deployment_site(_node(tmp_path, **{"num-classes": value}), load_config(None, []))
+
+
+def test_the_class_count_comes_from_the_node_config_not_the_labels_held(tmp_path):
+    """Without the top class's one patient, an .npz hospital still builds the study's model (issue 25 item 4)."""
+    from client.task import deployment_site
+    from common.config import load_config
+    from common.errors import UserError
+
+    node = _node(tmp_path, **{"num-classes": 5})  # labels 0..1 held; the study has 5 classes
+    site = deployment_site(node, load_config(None, []))
+    assert site.num_classes == 5
+    assert deployment_site({k: v for k, v in node.items() if k != "num-classes"}, load_config(None, [])).num_classes == 2
+    rng = np.random.default_rng(2)
+    four = tmp_path / "four.npz"
+    np.savez(four, train_images=rng.integers(0, 256, (200, 8, 8), dtype=np.uint8), train_labels=np.arange(200) % 4)
+    with pytest.raises(UserError, match=r"holds label 3: labels must be 0\.\.2"):
+        deployment_site({**node, "data-path": str(four), "num-classes": 3}, load_config(None, []))
 
 
 def test_a_model_builder_runs_only_if_the_hospital_allows_it(tmp_path):
