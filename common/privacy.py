@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import dp_accounting
+from dp_accounting import mechanism_calibration
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
@@ -162,6 +163,14 @@ def _plan_epsilon(prior, sigma, q, steps, delta, accountant="pld") -> float:
     return epsilon(list(prior) + [PrivacyEvent(sigma, q, steps)], delta, accountant)
 
 
+def _calibrated(prior, q, steps, max_epsilon, delta, accountant, lo, hi) -> float:
+    """The smallest sigma in [lo, hi] that keeps epsilon within budget, to `_PLAN_TOLERANCE`
+    (dp_accounting.mechanism_calibration: Brent's method, then a check that the answer fits)."""
+    return float(mechanism_calibration.calibrate_dp_mechanism(
+        _ACCOUNTANTS[accountant], lambda sigma: dp_event(list(prior) + [PrivacyEvent(sigma, q, steps)]),
+        max_epsilon, delta, mechanism_calibration.ExplicitBracketInterval(lo, hi), tol=lo * _PLAN_TOLERANCE))
+
+
 def plan_noise(prior: list[PrivacyEvent], sampling_rate: float, steps_per_round: int, rounds: int,
                max_epsilon: float, delta: float, max_noise: float = MAX_NOISE) -> NoisePlan | None:
     """See `_plan_noise`; remembered, because the plan shown before round 1 is round 1's plan."""
@@ -176,9 +185,9 @@ def _plan_noise(prior: tuple[PrivacyEvent, ...], sampling_rate: float, steps_per
 
     The hospital assumes it takes part in every one of the `rounds` (the worst case when the
     coordinator samples hospitals), composes that with its earlier spend `prior`, and asks
-    the same PLD accountant as the ledger. Epsilon falls as sigma grows, so a bisection
-    works. RDP is always at least the PLD figure, so the sigma that RDP needs is a valid
-    upper end and a cheap first guess; PLD on a coarse grid then narrows it down. The result
+    the same PLD accountant as the ledger. Epsilon falls as sigma grows, so dp-accounting's
+    calibration finds it. RDP is always at least the PLD figure, so the sigma that RDP needs is
+    a valid upper end and a cheap first guess; PLD on a coarse grid then narrows it down. The result
     is rounded up to 4 significant digits and must pass the ledger's own PLD accountant (it is
     raised until it does), so the plan never rests on the coarse grid or on a rounding in the
     hospital's disfavour. Never below MIN_NOISE. None when no sigma up to `max_noise`
@@ -200,24 +209,18 @@ def _plan_noise(prior: tuple[PrivacyEvent, ...], sampling_rate: float, steps_per
         return None
     if fits(MIN_NOISE, "rdp-integer"):  # RDP never under-states: then PLD fits too
         return _plan(MIN_NOISE)
-    # Upper end from RDP (cheap); lower end where even PLD is over budget.
+    # dp-accounting's calibration, twice: RDP (cheap, never under-states) gives a sigma that
+    # surely fits; PLD on the coarse grid then narrows it down from there.
     hi = max_noise
-    lo = MIN_NOISE
-    while hi / lo > 1 + _PLAN_TOLERANCE:
-        mid = math.sqrt(lo * hi)
-        if fits(mid, "rdp-integer"):
-            hi = mid
-        else:
-            lo = mid
+    if fits(max_noise, "rdp-integer"):
+        hi = _calibrated(prior, sampling_rate, steps, max_epsilon, delta, "rdp-integer", MIN_NOISE, max_noise)
     lo = max(MIN_NOISE, hi / 1.5)
     if fits(lo, "pld-coarse"):
         lo = MIN_NOISE
-    while hi / lo > 1 + _PLAN_TOLERANCE:
-        mid = math.sqrt(lo * hi)
-        if fits(mid, "pld-coarse"):
-            hi = mid
-        else:
-            lo = mid
+    if fits(lo, "pld-coarse"):
+        hi = lo
+    elif fits(hi, "pld-coarse"):
+        hi = _calibrated(prior, sampling_rate, steps, max_epsilon, delta, "pld-coarse", lo, hi)
     sigma = _round_up(hi)
     while not fits(sigma):  # the ledger's accountant decides; the coarse grid only searched
         sigma = _round_up(sigma * (1 + _PLAN_TOLERANCE))
