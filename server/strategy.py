@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import HOSPITAL_NAME
@@ -384,15 +385,13 @@ class PrivateFedAvg(FedAvg):
     def _aggregate(self, accepted: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
         """FedAvg weighted by (capped) examples, or an unweighted coordinate-wise robust aggregate."""
         layers = list(zip(*(weights for weights, _ in accepted)))
+        dtypes = [layer[0].dtype for layer in layers]
+        # The robust aggregates are Flower's own (what FedMedian and FedTrimmedAvg compute); the
+        # replies reaching them were validated here first.
         if self.aggregator == "median":
-            return [np.median(np.stack(layer), axis=0).astype(layer[0].dtype) for layer in layers]
+            return [w.astype(d) for w, d in zip(aggregate_median(accepted), dtypes)]
         if self.aggregator == "trimmed_mean":
-            cut = int(len(accepted) * TRIM_FRACTION)
-            out = []
-            for layer in layers:
-                ordered = np.sort(np.stack(layer), axis=0)
-                out.append(ordered[cut:len(accepted) - cut].mean(axis=0).astype(layer[0].dtype))
-            return out
+            return [w.astype(d) for w, d in zip(aggregate_trimmed_avg(accepted, TRIM_FRACTION), dtypes)]
         total = float(sum(examples for _, examples in accepted))
         return [sum(w.astype(np.float64) * (examples / total) for w, (_, examples) in zip(layer, accepted))
                 .astype(layer[0].dtype) for layer in layers]
