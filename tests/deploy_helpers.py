@@ -239,6 +239,16 @@ class Deployment:
         return done.returncode == 0
 
     def close(self) -> None:
+        """Kill every process started here; then check that each SuperNode's hospital process
+        (client/hospital_process.py, detached by design) stopped by itself with its SuperNode."""
+        family = set()
+        for proc in self.procs:
+            try:
+                root = psutil.Process(proc.popen.pid)
+                family |= {root.pid, *(child.pid for child in root.children(recursive=True))}
+            except psutil.NoSuchProcess:
+                pass
+        hospitals = hospital_processes(family)
         for proc in reversed(self.procs):
             _kill_tree(proc.popen.pid)
         # Anything still inside our namespaces was started by us (detached SuperExecs, apps).
@@ -247,6 +257,41 @@ class Deployment:
             for pid in listed.stdout.split():
                 _kill_pid(int(pid))
         self._delete_namespaces()
+        deadline = time.monotonic() + HOSPITAL_STOP_SECONDS
+        alive = [proc for proc in hospitals if _running(proc)]
+        while alive and time.monotonic() < deadline:  # not psutil.wait_procs: an unreaped zombie has stopped
+            time.sleep(0.2)
+            alive = [proc for proc in alive if _running(proc)]
+        for proc in alive:
+            _kill_pid(proc.pid)
+        assert not alive, (f"hospital processes {[p.pid for p in alive]} were still running "
+                           f"{HOSPITAL_STOP_SECONDS} s after their SuperNode was stopped (killed now)")
+
+
+HOSPITAL_STOP_SECONDS = 30  # a hospital process finishes the request it is serving, then stops
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def hospital_processes(watched: set[int]) -> list[psutil.Process]:
+    """Running hospital processes (python -m client.hospital_process) that watch any of `watched`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if "client.hospital_process" not in argv or "--watch" not in argv or not _running(proc):
+            continue
+        try:
+            pids = {int(item.split(":")[0]) for item in argv[argv.index("--watch") + 1].split(",") if item}
+        except (ValueError, IndexError):
+            continue
+        if pids & watched:
+            found.append(proc)
+    return found
 
 
 def _kill_pid(pid: int) -> None:
