@@ -153,15 +153,13 @@ def ledger_lost_charges(ledger: PrivacyLedger, odometer_dir: Path, flower_runs: 
             last = [r for r in ledger.records if r["hospital"] == hospital][-1]
             if charge["round"] <= last["round"]:
                 continue  # cannot be placed in order; the audit's odometer check will name it
-            first = ledger.first(hospital)
-            history = [PrivacyEvent.from_dict(e) for e in first.get("prior_events", [])]
-            history += [PrivacyEvent.from_dict(r) for r in ledger.records if r["hospital"] == hospital and r["steps"] > 0]
             event = PrivacyEvent.from_dict(charge)
             record = dict(last) | event.to_dict() | {
                 "round": int(charge["round"]), "status": "lost",
-                "epsilon": epsilon(history + [event], last["delta"]),
+                "epsilon": epsilon(ledger.history(hospital) + [event], last["delta"]),
             }
             record.pop("prior_events", None)
+            record.pop("added_prior_events", None)
             written.append(ledger.append(record, prior_events=[]))
             recorded.add(charge["round"])
     return written
