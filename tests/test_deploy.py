@@ -18,6 +18,7 @@ end of this file are not marked. HFL_DEPLOY_LOOPBACK=1 forces loopback mode.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import warnings
 from dataclasses import dataclass, field
@@ -218,6 +219,24 @@ def test_deploy_two_hospitals_two_rounds_over_tls(deployed):
     model = load_model(deployed.run_dir / "model.keras")
     assert model.output_shape[-1] == 10
     assert model.predict(np.zeros((1, *model.input_shape[1:]), np.float32), verbose=0).shape == (1, 10)
+
+
+@pytest.mark.deploy
+def test_deploy_each_hospital_is_one_long_lived_process_that_logs_its_own_epsilon(deployed):
+    """Every message to a hospital (its plan, two rounds) reached one hospital process, started
+    by the first message (client/hospital_process.py); each round's epsilon and what is left of
+    the budget are in the hospital's own log (its SuperNode's terminal and errors file) only."""
+    records = {(r["hospital"], r["round"]): r for r in _ledger(deployed.run_dir) if r.get("status") == "trained"}
+    for hospital in HOSPITALS:
+        log = deployed.procs[hospital].text()
+        assert len(re.findall(r"hospital process (\d+) serves", log)) == 1, log[-3000:]
+        own = deployed.odometers[hospital].with_suffix(".errors.log").read_text()
+        for round_number in (1, 2):
+            spent = records[(hospital, round_number)]["epsilon"]
+            line = f"hospital {hospital} round {round_number}: epsilon {spent:.3f} of 8.000 spent, {8 - spent:.3f} left"
+            assert line in log, log[-3000:]
+            assert line in own, own
+    assert " left" not in deployed.run_log, deployed.run_log[-3000:]
 
 
 @pytest.mark.deploy
