@@ -22,24 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tests.dicom_files import write_dicom  # one writer of DICOM files, shared with the tests
+
 BLOOD_CELLS = Path(__file__).resolve().parents[2] / "shared" / "data" / "blood_cells"
 IMAGES_PER_PATIENT = (2, 4)  # inclusive range
-
-
-def write_dicom(path: Path, pixels: np.ndarray, patient_id: str) -> None:
-    """`pixels` ((h, w) uint8 grey) as an uncompressed DICOM secondary capture with a PatientID."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "OT", patient_id
-    ds.set_pixel_data(np.ascontiguousarray(pixels), "MONOCHROME2", 8)
-    ds.save_as(path, enforce_file_format=True)
 
 
 def build(out: Path, per_class: int, seed: int = 0) -> dict:

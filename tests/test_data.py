@@ -5,6 +5,7 @@ from PIL import Image
 
 from common.data import load_dataset, load_hospital_paths
 from common.errors import UserError
+from expect import user_error
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -32,15 +33,6 @@ def make_folder(root, classes=("benign", "malignant"), per_class=3, ext=".png", 
         for i in range(per_class):
             write_image(root / name / f"img{i}{ext}", size=size, mode=mode, seed=seed + 10 * c + i)
     return root
-
-
-def user_error(fn, *args, **kwargs) -> str:
-    """Run fn, expect UserError, return its one-line message."""
-    with pytest.raises(UserError) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    return msg
 
 
 def test_modules_do_not_import_tensorflow():

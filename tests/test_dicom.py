@@ -14,6 +14,7 @@ from common.data import load_dataset
 from common.dicom import decode_dicom, dicom_unit_pixels, is_dicom, read_header, read_patient_id
 from common.errors import UserError
 from dicom_files import blood_cell_images, pydicom_file, write_dicom
+from expect import user_error
 
 
 def native(path, color="gray"):
@@ -46,14 +47,6 @@ def assert_close(ours, ref, atol=1):
     diff = np.abs(np.asarray(ours, dtype=np.int64) - np.asarray(ref, dtype=np.int64))
     assert diff.max() <= atol, f"max difference {diff.max()}"
     assert (diff == 0).mean() > 0.99  # float32 vs float64 rounding moves at most a few pixels by one level
-
-
-def user_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(UserError) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    return msg
 
 
 # ----------------------------------------------------------------------------- grey levels

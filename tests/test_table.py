@@ -13,16 +13,9 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from common.data import load_dataset
 from common.errors import UserError
 from dicom_files import blood_cell_images, pydicom_file, write_dicom
+from expect import user_error
 
 PER_PATIENT = (2, 3, 4)  # images per synthetic patient, in turn
-
-
-def user_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(UserError) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    return msg
 
 
 def write_table(path, header, rows, delimiter=","):
