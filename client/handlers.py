@@ -129,15 +129,15 @@ def train(node_config: dict, run_config: dict, round_config: dict, weights: list
 
 def evaluate(node_config: dict, run_config: dict, round_config: dict, weights: list[np.ndarray],
              run_id: int) -> tuple[dict, dict]:
-    """Score the global model on this hospital's local held-out split (if the hospital allows it).
+    """Federated evaluation under DP on this hospital's held-out split (if the hospital allows it).
 
     `round_config` is the coordinator's whole config record, `run_id` the coordinator's run.
-    Returns the reply's "metrics" and "privacy" records as dicts.
+    Returns the reply's "metrics" and "privacy" records as dicts: noisy per-class counts
+    charged to the hospital's evaluation budget, or "declined" / "off" with no counts
+    (client/task.py evaluate_round, client/evaluation.py).
     """
     config, hospital = site(node_config, run_config)
-    scores = evaluate_round(hospital, config, weights)
-    metrics = {"num-examples": 0} if scores is None else {"num-examples": len(hospital.eval_y), **scores}
-    return metrics, {"hospital": hospital.name}
+    return evaluate_round(hospital, config, weights, round_config, run_id, node_config)
 
 
 def handle(request: dict) -> dict:

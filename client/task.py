@@ -24,7 +24,7 @@ from common.dp_sgd import DPSGDEngine, scheduled_learning_rate
 from common.duplicates import privacy_units
 from common.errors import UserError
 from common.federation import load_federation
-from common.metrics import evaluate_model
+from common.metrics import predict
 from common.model import make_model
 from common.privacy import NoisePlan, PrivacyEvent, delta_refusal, epsilon, plan_noise, useful_noise_limit
 from common.sampling import expected_batch_size, sampling_rate_for, steps_for
@@ -48,10 +48,18 @@ class HospitalSite:
     # Each training image's unit of privacy 0..P-1 when the data names patients (a patient, or
     # patients merged by an identical image: common/duplicates.py); None: the unit is the image.
     train_units: np.ndarray | None = None
+    # The same for the held-out images (client/evaluation.py weighs a patient's k images 1/k each);
+    # None: the image is the unit, which a site whose data names patients must not leave unset.
+    eval_units: np.ndarray | None = None
 
     @property
     def unit(self) -> str:
         return "image" if self.train_units is None else "patient"
+
+    @property
+    def eval_unit(self) -> str:
+        """What an evaluation's counts weigh and its epsilon protects: "image" or "patient"."""
+        return "image" if self.eval_units is None else "patient"
 
     @property
     def num_units(self) -> int:
@@ -212,7 +220,7 @@ def _switch(node_config: dict, key: str, *, default: bool) -> bool:
 
 NODE_CONFIG_REQUIRED = ("hospital-id", "data-path", "max-epsilon", "delta", "odometer-path")
 NODE_CONFIG_OPTIONAL = ("data-source", "eval-fraction", "evaluate", "on-bad-image", "split-seed", "model-builders",
-                        "num-classes", "split-image-size")
+                        "num-classes", "split-image-size", "eval-max-epsilon")
 # The images a hospital's split is decided on, when neither its node config nor an existing split
 # file says: small (cheap to decode twice), grey, and fixed, so no run config can choose it.
 SPLIT_PREPARATION = {"image_size": 32, "color": "gray"}
@@ -359,6 +367,7 @@ def _split_preparation(node_config: dict, split_file: Path, source: str, ran: di
     if split_file.exists():
         return {"image_size": ran["image_size"]} | ({"color": ran["color"]} if color else {})
     return {"image_size": SPLIT_PREPARATION["image_size"]} | color
+
 
 @functools.lru_cache(maxsize=4)
 def _trainer(input_shape, num_classes, model_json, l2_norm_clip, learning_rate, momentum):
@@ -512,9 +521,39 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
                         epsilon_after, model.get_weights(), stats.mean_loss, engine.velocity())
 
 
-def evaluate_round(site: HospitalSite, config: Config, weights: list[np.ndarray]) -> dict | None:
-    """Score the global model on the hospital's local held-out split (None when switched off or empty)."""
+def evaluate_round(site: HospitalSite, config: Config, weights: list[np.ndarray], round_config: dict,
+                   run_id: int, node_config: dict) -> tuple[dict, dict]:
+    """Federated evaluation under DP on the hospital's held-out split: (metrics, privacy) of the reply.
+
+    Switched off by the hospital (node config `evaluate=false`) or with no held-out example:
+    status "off", nothing released. Otherwise client/evaluation.py plans, charges and releases
+    noisy per-class counts against the hospital's own evaluation budget (node config
+    `eval-max-epsilon`, default its `max-epsilon`; in simulation `privacy.eval_max_epsilon`),
+    or declines once that budget is spent. The coordinator's request (`round_config`) only
+    says which round this is and how many evaluations it still plans.
+    """
+    from client import evaluation  # noqa: PLC0415 - keeps task.py's import graph as it was
+
     if not site.evaluate or len(site.eval_y) == 0:
-        return None
+        return {"num-examples": 0}, {"hospital": site.name, "status": "off"}
+    if site.train_units is not None and site.eval_units is None:
+        # Weighing a patient's images as separate units would multiply the sensitivity: never.
+        raise UserError(f"{site.name}'s data names patients but its held-out split's patients are not known: "
+                        "evaluation is refused")
+    request = evaluation.EvaluationRequest.from_config(round_config)
+    simulated = "hospital-id" not in node_config
+    budget = (evaluation.config_eval_budget(config.privacy.eval_max_epsilon, config.privacy.max_epsilon) if simulated
+              else evaluation.node_eval_budget(node_config, site.odometer.max_epsilon))
+    # Weights that do not fit the model fail here, before any charge.
     model, _ = _prepared(config, site.eval_x.shape[1:], site.num_classes, weights, TrainSettings.from_config(config))
-    return evaluate_model(model, site.eval_x, site.eval_y)
+    probabilities = predict(model, site.eval_x)
+    predictions = ((probabilities[:, 0] >= 0.5).astype(np.int64) if probabilities.shape[-1] == 1
+                   else probabilities.argmax(axis=-1))
+    source = None
+    if simulated:  # the held-out split's source, as simulation_site names the training shard's
+        from client.shards import source_identity  # noqa: PLC0415 - simulation only
+
+        path = config.data.path
+        source = source_identity(config.data.source,
+                                 path[int(node_config["partition-id"])] if isinstance(path, list) else path)
+    return evaluation.release(site, predictions, run_id, request, budget, simulation_source=source)

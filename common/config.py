@@ -31,6 +31,16 @@ MIN_NOISE = 0.5
 # Runs here take 20-40; the bound keeps one accounting call within seconds and a few GB
 # (10^4 steps at sigma 0.5 and q = 1: 11 s, 2.5 GB) whatever a coordinator plans.
 MAX_PLANNED_EPOCHS = 10_000
+# The most federated evaluations a hospital accounts for in one run (common/eval_privacy.py).
+MAX_PLANNED_EVALUATIONS = 1000
+
+
+def evaluation_rounds(first_round: int, last_round: int, every: int) -> list[int]:
+    """The rounds from first_round to last_round with a federated evaluation: every `every`-th, and the last."""
+    rounds = [r for r in range(first_round, last_round + 1) if every and r % every == 0]
+    return rounds if last_round in rounds or last_round < first_round else rounds + [last_round]
+
+
 # A hospital's name: in the ledger, on the coordinator's terminal (so no control characters),
 # checked by the SuperNode's hospital before any charge and by the coordinator in every reply.
 HOSPITAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -77,6 +87,10 @@ class TrainConfig:
     aggregator: str = "fedavg"  # fedavg (weighted by examples) | median | trimmed_mean (coordinate-wise, robust)
     min_hospitals: int = 1  # fewer successful updates in a round leave the global model as it was
     round_timeout: float = 600.0  # seconds to wait for replies in a round (and for hospitals before round 1)
+    # Federated evaluation (each one costs the hospitals evaluation budget) every this many rounds,
+    # and always after the last round; 0: after the last round only. Rounds without it still score
+    # the global model on the coordinator's central test set.
+    evaluate_every: int = 10
 
 
 @dataclass
@@ -91,6 +105,10 @@ class DPConfig:
 class PrivacyConfig:
     max_epsilon: float = 3.0  # each hospital's own budget; a round that would pass it is declined
     delta: float = 1e-5  # target delta of the (epsilon, delta) guarantee
+    # Each simulated hospital's evaluation budget (noisy counts on its held-out split, accounted
+    # apart from training: common/eval_privacy.py), or auto: equal to max_epsilon, so that no
+    # patient's epsilon (the larger of the two, the splits being disjoint) exceeds max_epsilon.
+    eval_max_epsilon: float | str = "auto"
     # Where simulated hospitals keep their privacy record: "" = the per-user data directory
     # (default_odometer_dir(), never inside the installation); a relative path is taken from the
     # directory the run starts in.
@@ -143,6 +161,7 @@ RANGES = {
     "train.fraction_evaluate": (0, 1, True, True),
     "train.min_hospitals": (1, None, True, None),
     "train.round_timeout": (0, None, False, None),
+    "train.evaluate_every": (0, None, True, None),
     "seed": (0, 2**32, True, False),  # NumPy and TensorFlow seeds are 32-bit
     # Bounded both ways: below 1e-4 the noise sigma*C of a float32 step nears the smallest normal
     # float (CPUs flush smaller values to zero, which would drop the noise and keep the gradient);
@@ -248,6 +267,15 @@ def validate(config: Config) -> Config:
     if config.rounds * config.train.local_epochs > MAX_PLANNED_EPOCHS:
         raise UserError(f"rounds x train.local_epochs is {config.rounds * config.train.local_epochs:g}, more passes over "
                         f"each hospital's data than a run accounts for (at most {MAX_PLANNED_EPOCHS}): lower either")
+    eval_budget = config.privacy.eval_max_epsilon
+    if isinstance(eval_budget, str) and eval_budget != "auto":
+        raise UserError(f"config key 'privacy.eval_max_epsilon' must be a positive number or auto, got {eval_budget!r}")
+    if not isinstance(eval_budget, str) and not (math.isfinite(eval_budget) and eval_budget > 0):
+        raise UserError(f"config key 'privacy.eval_max_epsilon' must be > 0 (or auto), got {eval_budget}")
+    if len(evaluation_rounds(1, config.rounds, config.train.evaluate_every)) > MAX_PLANNED_EVALUATIONS:
+        raise UserError(f"rounds={config.rounds} with train.evaluate_every={config.train.evaluate_every} plans more "
+                        f"than the {MAX_PLANNED_EVALUATIONS} federated evaluations a run accounts for: raise "
+                        "train.evaluate_every")
     batch = config.train.batch_size
     if isinstance(batch, str) and batch != "auto":
         raise UserError(f"config key 'train.batch_size' must be a positive integer or auto, got {batch!r}")

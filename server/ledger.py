@@ -96,3 +96,49 @@ def added_events(reported: list[PrivacyEvent], known: list[PrivacyEvent]) -> lis
             extra[event] -= 1
             added.append(event)
     return added
+
+
+EVALUATION_LEDGER = "evaluation_ledger.jsonl"
+EVALUATION_FIELDS = ("round", "hospital", "status", "mechanism", "noise_multiplier", "queries", "sensitivity",
+                     "epsilon", "delta", "max_epsilon", "accountant", "num_examples", "unit")
+
+
+class EvaluationLedger(PrivacyLedger):
+    """The evaluation half of the privacy ledger: `evaluation_ledger.jsonl` beside `privacy_ledger.jsonl`.
+
+    One object per hospital per evaluation it answered (common/eval_privacy.py has the
+    mechanism): round, hospital, status ("evaluated" | "declined"), mechanism
+    ("gaussian-counts"), noise_multiplier (sigma: noise std on each count, sensitivity 1 per
+    unit), queries (1 when evaluated, 0 when declined), sensitivity, epsilon (the hospital's
+    cumulative evaluation epsilon), delta, max_epsilon (its own evaluation budget), accountant
+    ("pld"), num_examples (held-out units), unit; prior_events on each hospital's first record and
+    optional added_prior_events, as in the training ledger but of evaluation charges. One
+    evaluation is the event {noise_multiplier: sigma, sampling_rate: 1.0, steps: queries,
+    sampling: "poisson"} (the Gaussian mechanism: sampling at rate 1 is none), so a record's
+    epsilon composes its hospital's prior and added events and its evaluated records up to
+    it, exactly as training records do. Kept in its own file so that every reader of the
+    training ledger reads what it always did.
+    """
+
+    def append(self, record: dict, prior_events: list[dict], added_prior_events: list[dict] = ()) -> dict:
+        missing = [name for name in EVALUATION_FIELDS if name not in record]
+        if missing:
+            raise ValueError(f"evaluation ledger record lacks {missing}")
+        record = {name: record[name] for name in EVALUATION_FIELDS}
+        if not any(r["hospital"] == record["hospital"] for r in self.records):
+            record["prior_events"] = prior_events
+        if added_prior_events:
+            record["added_prior_events"] = list(added_prior_events)
+        append_line(self.path, json.dumps(record))
+        self.records.append(record)
+        return record
+
+    def history(self, hospital: str) -> list[PrivacyEvent]:
+        """Every evaluation event the hospital's latest evaluation epsilon composes."""
+        own = [evaluation_event(r) for r in self.records if r["hospital"] == hospital and r["queries"] > 0]
+        return self.known_prior(hospital) + own
+
+
+def evaluation_event(record: dict) -> PrivacyEvent:
+    """The accounting event of one evaluation ledger record (or odometer charge)."""
+    return PrivacyEvent(float(record["noise_multiplier"]), 1.0, int(record["queries"]))

@@ -97,13 +97,19 @@ def _audit_section(path: Path) -> list[str]:
         if len(records) > AUDIT_RECORDS:
             return lines + [f"The ledger holds {len(records)} records: audit it with `{hint}` (exit 0 when every "
                             "check passes).", ""]
-        report = audit_ledger(records, accountant="pld", jobs=1, context=read_context(str(path), []))
+        context = read_context(str(path), [])
+        report = audit_ledger(records, accountant="pld", jobs=1, context=context)
+        from server.audit.evaluation import audit_evaluation
+
+        evaluation = audit_evaluation(str(path), context, {h.hospital: (h.epsilon_pld, h.delta) for h in report.hospitals})
+        report.discrepancies += [f"evaluation: {d}" for d in evaluation.discrepancies]
     except Exception as error:  # noqa: BLE001 - the report still gets written; the command says more
         return lines + [f"The audit could not run here ({type(error).__name__}: {str(error)[:200]}): run `{hint}`.", ""]
     took = time.monotonic() - started
     if report.ok:
         verdict = (f"**passed**: every epsilon in the ledger recomputes from its mechanism fields (PLD), no budget is "
-                   f"exceeded and the ledger agrees with config.yaml, metrics.jsonl and status.json ({took:.1f} s).")
+                   f"exceeded and the ledger agrees with config.yaml, metrics.jsonl and status.json"
+                   + (f"; every evaluation epsilon recomputes too" if evaluation.present else "") + f" ({took:.1f} s).")
     else:
         verdict = f"**{len(report.discrepancies)} discrepancies** ({took:.1f} s):"
     lines += [f"Audit at the end of the run: {verdict}"]
@@ -152,6 +158,40 @@ def _privacy_section(ledger: list[dict], path: Path) -> list[str]:
                      f"{r['max_epsilon'] - r['epsilon']:.3f} | {r.get('unit') or 'image'} | {r['noise_multiplier']:g} | "
                      f"{r['sampling_rate']:.4f} | {steps[name]} | {r['status']} |")
     return lines + [""]
+
+
+def _evaluation_section(ledger: list[dict], evaluations: list[dict]) -> list[str]:
+    """Each hospital's evaluation epsilon beside its training epsilon, and the patient's (the larger)."""
+    lines = ["## Privacy of the federated evaluation", ""]
+    if not evaluations:
+        return lines + ["No hospital released evaluation counts in this run (federated evaluation off, or none "
+                        "answered): the only epsilon is the training epsilon above.", ""]
+    training = {r["hospital"]: r for r in ledger}
+    latest = {r["hospital"]: r for r in evaluations}
+    answered: dict[str, int] = {}
+    for r in evaluations:
+        answered[r["hospital"]] = answered.get(r["hospital"], 0) + (r.get("status") == "evaluated")
+    lines += [
+        "What a hospital releases about its held-out split is its per-class counts of correct and missed "
+        "classifications, each with Gaussian noise (sigma below; sensitivity 1 per unit: a patient's k images weigh "
+        "1/k each), accounted with the same PLD accountant against the hospital's own evaluation budget, earlier "
+        "runs included; the scores above are computed from those noisy counts. The held-out patients are not in "
+        "the training set, so **a patient's epsilon is the larger of the two**: the training epsilon for a "
+        "training patient, the evaluation epsilon for a held-out one.", "",
+        "| hospital | training epsilon | evaluation epsilon | evaluation budget | evaluations (this run) | "
+        "evaluation sigma | held-out units | patient epsilon (max) | delta |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for name in _order(latest | {n: r for n, r in training.items() if n not in latest}):
+        e, t = latest.get(name), training.get(name)
+        if e is None:
+            lines.append(f"| {name} | {t['epsilon']:.3f} | not evaluated | - | 0 | - | - | {t['epsilon']:.3f} | "
+                         f"{t['delta']:g} |")
+            continue
+        worst = max(e["epsilon"], t["epsilon"] if t else 0.0)
+        lines.append(f"| {name} | {'-' if t is None else format(t['epsilon'], '.3f')} | {e['epsilon']:.3f} | "
+                     f"{e['max_epsilon']:g} | {answered[name]}{' (then declined)' if e['status'] == 'declined' else ''}"
+                     f" | {e['noise_multiplier']:g} | {e['num_examples']} {e['unit']}s | {worst:.3f} | {e['delta']:g} |")
+    return lines + ["", "The evaluation records are in `evaluation_ledger.jsonl`; the audit recomputes them too.", ""]
 
 
 def _plan_section(plan: dict) -> list[str]:
@@ -245,7 +285,10 @@ def _scores_section(metrics: list[dict], latest: dict[str, dict]) -> list[str]:
                   + " | ".join(f"{evaluation[n][k]:.3f}" if k in evaluation[n] else "n/a" for k in cols) + " |"
                   for n in _order(evaluation)]
         lines += ["", "A hospital's held-out split is small: its scores move by chance"
-                  + (" (n/a: AUC needs both classes)." if "auc" in cols else "."), ""]
+                  + (" (n/a: AUC needs both classes)." if "auc" in cols else ".")
+                  + (" They are computed from the hospital's noisy counts (differentially private evaluation: "
+                     "see below), and move by the noise too." if any("evaluation_epsilon" in v for v in evaluation.values())
+                     else ""), ""]
     elif evaluation:
         for key in ("accuracy", "balanced_accuracy"):
             values = [s[key] for s in evaluation.values() if key in s]
@@ -275,6 +318,7 @@ def write_report(run, labels: tuple[dict[str, list[int]], list[str]] | None = No
     found = confusion(path, resolved) if metrics else "no round completed"
     lines += _confusion_section(found)
     lines += _privacy_section(ledger, path)
+    lines += _evaluation_section(ledger, _jsonl(path / "evaluation_ledger.jsonl"))
     if (path / "plan.json").is_file():
         plan = _json(path / "plan.json")
         lines += _plan_section(plan) if plan else [

@@ -23,13 +23,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import RunNotRunningException
 
 from client.odometer import SIMULATION_ODOMETER
-from common.config import from_dict, from_run_config, to_dict
+from common.config import evaluation_rounds, from_dict, from_run_config, to_dict
 from common.durable import disk_full_line, is_disk_full
 from common.errors import UserError
 from common.federation import central_test_set, hospital_label_counts
-from common.metrics import evaluate_model
-from common.model import make_model, save_model
-from common.tf_setup import keras
 from server import checkpoint
 from server.ledger import PrivacyLedger
 from server.plan import ask_plans, plan_lines
@@ -283,7 +280,8 @@ def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateF
     nodes = {str(n) for n in grid.get_node_ids()}
     state = {k: v for k, v in saved.strategy.items() if k != "noise"}  # a new Flower run may plan new noise
     strategy.restore(state, keep_nodes=bool(nodes & set(saved.strategy.get("node_names", {}))))
-    for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), saved.flower_runs):
+    for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), saved.flower_runs,
+                                                 config.privacy.max_epsilon, config.train.batch_size):
         log.info("resume: %s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
     # Records written after the checkpoint (a round cut short) stay: continue after them, so no
     # (round, hospital) is ledgered twice, and repeat each such round's work under a new number.
@@ -312,6 +310,11 @@ def _restore(saved, run: RunDirectory, ledger: PrivacyLedger, strategy: PrivateF
 
 
 def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: StopFlag, simulated: int) -> None:
+    # TensorFlow (and scikit-learn) load here, never at module load: Flower gives its simulation's
+    # process 30 s to start, and a deployed SuperExec launches this module for every run.
+    from common.model import make_model
+    from common.tf_setup import keras
+
     ledger = PrivacyLedger(run.ledger)
     plan = RoundPlan(config.train.batch_size, config.train.local_epochs, config.train.learning_rate,
                      config.train.momentum, config.dp.l2_norm_clip)
@@ -324,6 +327,7 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
         dataset, test_x, test_y = central_test_set(config)
         keras.utils.set_random_seed(config.seed)
         model = make_model(config.model, dataset.input_shape, dataset.num_classes)
+        strategy.num_classes = max(2, dataset.num_classes)  # what every evaluation reply's counts must match
     except UserError as error:
         run.write_status(_status("failed", saved.round if saved else 0, strategy, str(error), exit_code=EXIT_BAD_INPUT))
         print(f"error: {error}", flush=True)
@@ -384,7 +388,7 @@ def _run(grid: Grid, context: Context, config, run: RunDirectory, saved, stop: S
             round_started = time.time()
             checkpoint.mark_started(run.checkpoint, server_round)
             arrays, record, outcome = _train_round(grid, strategy, server_round, arrays, train_config, config,
-                                                   model, test_x, test_y)
+                                                   model, test_x, test_y, last_round)
             record["seconds"] = round(time.time() - round_started, 3)
             run.append_metrics(record)
             metrics.append(record)
@@ -488,7 +492,10 @@ def _record_failure(run: RunDirectory, completed: int, strategy: PrivateFedAvg, 
 def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, state, reason, completed,
             first_round, last_round) -> None:
     """Ledger lost charges (simulation), save the model and plots, print the summary, write status.json."""
-    for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), flower_runs):
+    from common.model import save_model
+
+    for lost in checkpoint.ledger_lost_charges(ledger, Path(config.privacy.odometer_dir), flower_runs,
+                                                 config.privacy.max_epsilon, config.train.batch_size):
         log.info("%s's round %d charge had no ledger record: ledgered as lost", lost["hospital"], lost["round"])
     model.set_weights(arrays.to_numpy_ndarrays())
     save_model(model, run.model)  # standard layers: plain tf_keras.models.load_model reads it
@@ -504,8 +511,15 @@ def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, 
     run.write_status(_status(state, completed, strategy, reason, exit_code))
 
 
-def _train_round(grid, strategy, server_round, arrays, train_config, config, model, test_x, test_y):
-    """One round: train, aggregate, evaluate. Returns (global arrays, metrics record, outcome)."""
+def _train_round(grid, strategy, server_round, arrays, train_config, config, model, test_x, test_y, last_round):
+    """One round: train, aggregate, evaluate. Returns (global arrays, metrics record, outcome).
+
+    The central test set scores the global model every round. Federated evaluation costs each
+    hospital evaluation budget, so it runs every `train.evaluate_every` rounds and after the
+    last (common.config.evaluation_rounds); each hospital plans its noise from the number of
+    evaluations still planned, which the request carries."""
+    from common.metrics import evaluate_model
+
     timeout = config.train.round_timeout
     replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
     new_arrays, train_summary = strategy.aggregate_train(server_round, replies)
@@ -514,9 +528,13 @@ def _train_round(grid, strategy, server_round, arrays, train_config, config, mod
     record = {"round": server_round}
     model.set_weights(arrays.to_numpy_ndarrays())
     record.update(evaluate_model(model, test_x, test_y))
-    if config.train.fraction_evaluate > 0:
-        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+    planned = evaluation_rounds(server_round, last_round, config.train.evaluate_every)
+    if config.train.fraction_evaluate > 0 and planned and planned[0] == server_round:
+        request = ConfigRecord({"coordinator-run": train_config["coordinator-run"], "planned-evaluations": len(planned)})
+        messages = strategy.configure_evaluate(server_round, arrays, request, grid)
         federated = strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+        for line in strategy.evaluation_lines:  # a hospital that declined or was rejected: one line each
+            print(line, flush=True)
         if federated:
             record.update({f"federated_{key}": value for key, value in federated.items()})
             record["hospitals_evaluation"] = strategy.round_evaluation

@@ -30,7 +30,9 @@ from flwr.serverapp.strategy import FedAvg
 from common.config import HOSPITAL_NAME
 from common.privacy import PrivacyEvent, epsilon
 from common.sampling import steps_for
-from server.ledger import PrivacyLedger, added_events
+from common.eval_privacy import federated_scores, scores
+from server.eval_replies import EvaluationReport, read_evaluation
+from server.ledger import EVALUATION_LEDGER, EvaluationLedger, PrivacyLedger, added_events
 from server.replies import (PrivacyReport, Rejected, RoundPlan, distance, read_privacy, read_weights,
                             update_bound)
 
@@ -99,8 +101,14 @@ class PrivateFedAvg(FedAvg):
     """FedAvg (or a robust aggregate) over validated updates; every accepted privacy record ledgered."""
 
     def __init__(self, ledger: PrivacyLedger, plan: RoundPlan, rejected_path: str | Path,
-                 aggregator: str = "fedavg", min_hospitals: int = 1, **kwargs):
+                 aggregator: str = "fedavg", min_hospitals: int = 1,
+                 evaluation_ledger: EvaluationLedger | None = None, num_classes: int = 2, **kwargs):
         super().__init__(**kwargs)
+        # The evaluation half of the ledger (beside the training ledger unless given) and the
+        # global model's class count, which every evaluation reply's counts must match.
+        self.evaluation_ledger = evaluation_ledger or EvaluationLedger(Path(ledger.path).with_name(EVALUATION_LEDGER))
+        self.num_classes = max(2, int(num_classes))
+        self.evaluation_lines: list[str] = []  # one line per hospital that declined or was rejected this round
         self.ledger = ledger
         self.plan = plan
         self.rejected_path = Path(rejected_path)
@@ -122,13 +130,15 @@ class PrivateFedAvg(FedAvg):
         self.failed: dict[str, str] = {}  # label -> last failure category
         self.rejected: dict[str, str] = {}  # label -> last rejection reason
         self.excluded: dict[str, str] = {}  # Flower node id -> why it is not asked to train again this run
+        self.eval_declined: dict[str, float] = {}  # hospital -> evaluation epsilon when it declined evaluation
+        self.eval_noise: dict[str, float] = {}  # hospital -> its evaluation sigma this run
 
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict:
         return {name: getattr(self, name) for name in
                 ("can_train", "declined_at", "node_names", "declared", "noise", "unledgered", "failed", "rejected",
-                 "excluded")}
+                 "excluded", "eval_declined", "eval_noise")}
 
     def restore(self, state: dict, keep_nodes: bool) -> None:
         """Continue from a checkpoint; node bindings only where node ids survive (deployment)."""
@@ -186,9 +196,15 @@ class PrivateFedAvg(FedAvg):
         return self.sent_messages
 
     def configure_evaluate(self, server_round, arrays, config, grid):
+        """Ask every connected node that has not declined evaluation this run.
+
+        `config` carries the coordinator's run id and `planned-evaluations` (this one and the
+        rest the run plans): each hospital plans its evaluation noise from it."""
         if self.fraction_evaluate == 0.0:
             return []
-        nodes = [node for node in sorted(grid.get_node_ids()) if str(node) not in self.excluded]
+        declined = {node for node, name in self.node_names.items() if name in self.eval_declined}
+        nodes = [node for node in sorted(grid.get_node_ids())
+                 if str(node) not in self.excluded and str(node) not in declined]
         config["server-round"] = server_round
         return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}),
                                         nodes, MessageType.EVALUATE)
@@ -399,26 +415,106 @@ class PrivateFedAvg(FedAvg):
     # ------------------------------------------------------------------ evaluation and status
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean of each score over the bound hospitals that evaluated."""
-        self.round_evaluation = {}
+        """Check every evaluation reply, ledger its charge, and score the sum of the noisy counts.
+
+        Validate before you mutate, as for training: the reply is read completely
+        (server/eval_replies.py), must come from a bound node under its own name, keep its
+        noise, size, unit and delta within the run, and claim exactly the evaluation epsilon
+        that its evaluation events recompute to; only then is it ledgered and its counts used.
+        A declined reply is ledgered, said in one line (`evaluation_lines`) and its hospital is
+        not asked again this run. Scores are post-processing of the noisy counts."""
+        self.round_evaluation, self.evaluation_lines = {}, []
+        counted: list[tuple[list, list, float]] = []
+        seen: set[str] = set()
         for msg in replies:
-            name = self.node_names.get(str(msg.metadata.src_node_id))
-            if name is None or msg.has_error() or "metrics" not in msg.content:
+            node = self._sender(msg)
+            name = self.node_names.get(str(node))
+            if name is None or msg.has_error() or name in seen:
+                if msg.has_error():
+                    log.info("round %d: %s failed evaluation (%s)", server_round, self.label(node, msg),
+                             failure_category(msg))
                 continue
-            metrics = {k: v for k, v in dict(msg.content["metrics"]).items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-            if metrics.get("num-examples", 0) > 0 and name not in self.round_evaluation:
-                metrics["num-examples"] = min(int(metrics["num-examples"]), 10**9)
-                self.round_evaluation[name] = metrics
-        if not self.round_evaluation:
+            seen.add(name)
+            try:
+                report = self._checked_evaluation(msg, name)
+            except Rejected as why:
+                self._reject_evaluation(server_round, name, str(why))
+                continue
+            if report.status == "off":
+                continue
+            self._commit_evaluation(server_round, report)
+            if report.status == "declined":
+                self.eval_declined[name] = report.epsilon
+                self.evaluation_lines.append(
+                    f"  {name} declined evaluation (evaluation budget spent: epsilon {report.epsilon:.3f} of "
+                    f"{report.max_epsilon:g}); it is not asked again this run")
+                continue
+            found = scores(report.correct, report.missed, report.num_examples)
+            self.round_evaluation[name] = {"num-examples": report.num_examples, **found,
+                                           "evaluation_epsilon": report.epsilon,
+                                           "noise_multiplier": report.noise_multiplier,
+                                           "correct": list(report.correct), "missed": list(report.missed)}
+            counted.append((list(report.correct), list(report.missed), report.num_examples))
+        if not counted:
             return None
-        summary = {}
-        for key in ("loss", "accuracy", "balanced_accuracy", "auc"):
-            scored = [m for m in self.round_evaluation.values() if key in m]
-            weight = sum(m["num-examples"] for m in scored)
-            if weight:
-                summary[key] = sum(m[key] * m["num-examples"] for m in scored) / weight
+        summary = {key: value for key, value in federated_scores(counted).items() if key != "recall"}
         return MetricRecord(summary)
+
+    def _checked_evaluation(self, msg: Message, name: str) -> EvaluationReport:
+        report = read_evaluation(msg.content, self.num_classes)
+        if report.hospital != name:
+            raise Rejected(f"the node is {name}; it may not reply as another hospital")
+        if report.status == "off":
+            return report
+        first = self.evaluation_ledger.first(name)
+        if first is not None:
+            for key, value in (("delta", report.delta), ("max_epsilon", report.max_epsilon),
+                               ("num_examples", report.num_examples)):
+                if value != first[key]:
+                    raise Rejected(f"evaluation '{key.replace('_', '-')}' changed from {first[key]:g} to {value:g}")
+            if report.unit != first["unit"]:
+                raise Rejected(f"evaluation 'unit' changed from {first['unit']} to {report.unit}")
+        trained = self.ledger.first(name)
+        if trained is not None and report.delta != trained["delta"]:
+            raise Rejected(f"evaluation 'delta' {report.delta:g} is not the hospital's delta {trained['delta']:g}")
+        sigma = self.eval_noise.get(name)
+        if sigma is not None and report.status == "evaluated" and report.noise_multiplier != sigma:
+            raise Rejected(f"evaluation 'noise-multiplier' changed from {sigma:g} to {report.noise_multiplier:g} "
+                           "within a run")
+        expected = epsilon(self._evaluation_history(report) + [report.event], report.delta)
+        if not _close(report.epsilon, expected):
+            raise Rejected(f"'evaluation-epsilon' {report.epsilon:.6g} does not recompute from its evaluation "
+                           f"events ({expected:.6g})")
+        return report
+
+    def _evaluation_added(self, report: EvaluationReport) -> list[PrivacyEvent]:
+        if self.evaluation_ledger.first(report.hospital) is None:
+            return []
+        added = added_events(list(report.prior_events), self.evaluation_ledger.known_prior(report.hospital))
+        if added is None:
+            raise Rejected("evaluation 'prior-events' lacks events this hospital reported before: an odometer only "
+                           "grows")
+        return added
+
+    def _evaluation_history(self, report: EvaluationReport) -> list[PrivacyEvent]:
+        if self.evaluation_ledger.first(report.hospital) is None:
+            return list(report.prior_events)
+        return self.evaluation_ledger.history(report.hospital) + self._evaluation_added(report)
+
+    def _commit_evaluation(self, server_round: int, report: EvaluationReport) -> None:
+        added = [e.to_dict() for e in self._evaluation_added(report)]
+        if report.status == "evaluated":
+            self.eval_noise.setdefault(report.hospital, report.noise_multiplier)
+        self.evaluation_ledger.append(report.ledger_record(server_round),
+                                      prior_events=[e.to_dict() for e in report.prior_events],
+                                      added_prior_events=added)
+
+    def _reject_evaluation(self, server_round: int, name: str, reason: str) -> None:
+        with open(self.rejected_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"round": server_round, "hospital": name, "evaluation": True,
+                                     "reason": reason}) + "\n")
+        log.info("round %d: %s's evaluation rejected: %s", server_round, name, reason)
+        self.evaluation_lines.append(f"  {name}'s evaluation was rejected (details in run.log)")
 
     def exhausted(self) -> list[str]:
         """Hospitals whose budget cannot cover another round."""

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from server.audit.checks import ACCOUNTANTS, audit_ledger
+from server.audit.evaluation import audit_evaluation, format_evaluation
+from server.audit.evaluation import to_dict as evaluation_dict
 from server.audit.output import format_report, plot_report
 from server.audit.reading import LEDGER_NAME, LedgerError, ledger_path, read_context, read_ledger
 
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audit: cannot recompute this ledger ({err.__class__.__name__}: {str(err)[:200]}); "
               "it holds values no training run writes", file=sys.stderr)
         return 2
+    # The evaluation half of the ledger (evaluation.py): recomputed beside the training figures.
+    training = {h.hospital: (h.epsilon_pld, h.delta) for h in report.hospitals}
+    evaluation = audit_evaluation(args.ledger, context, training)
+    report.discrepancies += [f"evaluation: {d}" for d in evaluation.discrepancies]
     if plot:
         try:
             plot_report(report, plot)
@@ -58,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"audit: cannot write --plot {plot}: {err}", file=sys.stderr)
             return 2
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print(json.dumps(report.to_dict() | {"evaluation": evaluation_dict(evaluation)}, indent=1))
     else:
         print(format_report(report, str(ledger_path(args.ledger)), rounds=args.rounds))
+        print("\n".join(format_evaluation(evaluation)))
     return 0 if report.ok else 1
 
 
