@@ -89,6 +89,11 @@ class ShardRegistry:
                 _LOADED[path] = None
         return _LOADED[path]
 
+    def distinct_examples(self, shard_id: str) -> int | None:
+        """How many distinct examples the shard holds (None when its file is unreadable)."""
+        info = self._load(shard_id)
+        return None if info is None else len(info["hashes"])
+
     def overlap_filter(self, shard_id: str):
         """record -> True when the record's charge was spent on data sharing an example with this shard."""
         own = self._load(shard_id)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import zipfile
 import zlib
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from client.odometer import SIMULATION_ODOMETER
+from common.config import HOSPITAL_NAME
 from common.durable import replace_file
 from common.errors import UserError
 from common.privacy import PrivacyEvent, epsilon
@@ -134,12 +136,16 @@ def _state_problem(state) -> str | None:
     return None
 
 
-def ledger_lost_charges(ledger: PrivacyLedger, odometer_dir: Path, flower_runs: list[int]) -> list[dict]:
+def ledger_lost_charges(ledger: PrivacyLedger, odometer_dir: Path, flower_runs: list[int],
+                        max_epsilon: float | None = None, batch_size: int | str = "auto") -> list[dict]:
     """Ledger, as "lost", every odometer charge of `flower_runs` that has no ledger record.
 
     Simulation only: the simulated hospitals share `<odometer_dir>/simulation.jsonl`, each
-    charge naming its hospital. Only hospitals already in the ledger are looked up (their
-    name, delta and budget are known).
+    charge naming its hospital. A hospital already in the ledger continues its records. One
+    that never reached it (every reply rejected: the spend is real all the same) gets its
+    records from the odometer alone when the run's `max_epsilon` is given: its prior events are
+    the charges counted for its shard before its first of this run, its example count the one
+    its sampling rate was computed from (`batch_size`: the run's train.batch_size).
     """
     written = []
     runs = set(flower_runs)
@@ -162,7 +168,51 @@ def ledger_lost_charges(ledger: PrivacyLedger, odometer_dir: Path, flower_runs: 
             record.pop("added_prior_events", None)
             written.append(ledger.append(record, prior_events=[]))
             recorded.add(charge["round"])
+    if max_epsilon is not None:
+        written += _ledger_unseen_hospitals(ledger, Path(odometer_dir), charges, runs, max_epsilon, batch_size)
     return written
+
+
+def _ledger_unseen_hospitals(ledger, odometer_dir, charges, runs, max_epsilon, batch_size) -> list[dict]:
+    from client.shards import ShardRegistry  # the hospitals' own rule of which charges count for a shard
+
+    registry, written = ShardRegistry(odometer_dir), []
+    known = {r["hospital"] for r in ledger.records}
+    for hospital in sorted({str(c.get("hospital")) for c in charges if c.get("run") in runs} - known):
+        if not HOSPITAL_NAME.fullmatch(hospital):
+            continue  # not a name a ledger may carry; the audit's odometer check names it
+        own = [(i, c) for i, c in enumerate(charges) if c.get("run") in runs and c.get("hospital") == hospital]
+        shard = own[0][1].get("shard")
+        counts = registry.overlap_filter(shard) if isinstance(shard, str) else (lambda charge: True)
+        mine = {i for i, _ in own}
+        others = [(i, PrivacyEvent.from_dict(c)) for i, c in enumerate(charges) if i not in mine and counts(c)]
+        n = _examples_for(float(own[0][1]["sampling_rate"]), batch_size, registry, shard)
+        history, previous = [], -1
+        for k, (index, charge) in enumerate(own):
+            before = [e for i, e in others if previous < i < index]
+            event = PrivacyEvent.from_dict(charge)
+            history += before + [event]
+            record = event.to_dict() | {"round": int(charge["round"]), "hospital": hospital, "status": "lost",
+                                        "epsilon": epsilon(history, float(charge["delta"])),
+                                        "delta": float(charge["delta"]), "max_epsilon": float(max_epsilon),
+                                        "accountant": "pld", "num_examples": n, "unit": "image"}
+            events = [e.to_dict() for e in before]
+            written.append(ledger.append(record, prior_events=events if k == 0 else [],
+                                         added_prior_events=events if k else ()))
+            previous = index
+    return written
+
+
+def _examples_for(q: float, batch_size, registry, shard) -> int:
+    """The example count n whose sampling rate is q (q = batch / n), nearest the shard's size."""
+    from common.sampling import AUTO_BATCH_SIZES, sampling_rate_for
+
+    size = (registry.distinct_examples(shard) if isinstance(shard, str) else None) or round(1 / q)
+    low, high = AUTO_BATCH_SIZES
+    batches = [batch_size] if batch_size != "auto" else [b for b in (2 ** k for k in range(11)) if low <= b <= high] + [size]
+    candidates = [n for b in batches for n in {max(1, math.floor(int(b) / q)), max(1, math.ceil(int(b) / q))}
+                  if sampling_rate_for(batch_size, n) == q]
+    return min(candidates, key=lambda n: abs(n - size), default=size)
 
 
 def _readable_charges(path: Path) -> list[dict]:

@@ -107,10 +107,12 @@ def _status(run: Path) -> dict:
     return json.loads((run / "status.json").read_text())
 
 
-def test_one_hospital_failing_every_round_is_named_and_the_others_train(tmp_path):
+def test_one_hospital_failing_and_one_rejected_every_round_are_named_and_every_charge_is_ledgered(tmp_path):
     odometer, run = tmp_path / "odometer", tmp_path / "run"
     # hospital-2 plans, then fails every training round (tests/apps/failing_client.py): it never
-    # sends a training reply, and is still named, from its plan, in every round line.
+    # sends a training reply, and is still named, from its plan, in every round line. hospital-1
+    # is charged and then rejected every round: it never reaches the ledger by a reply, so its
+    # charges are ledgered from the odometer as "lost" (issue 26 item 1) and the audit agrees.
     process = _start([*SMALL, "--set", "hospitals=3", "--set", "rounds=4", "--set", f"privacy.odometer_dir={odometer}",
                       "--out", str(run)], tmp_path, "failing", app="tests.apps.failing_client:app")
     code, out, err = _finish(process, tmp_path, "failing")
@@ -118,13 +120,19 @@ def test_one_hospital_failing_every_round_is_named_and_the_others_train(tmp_path
     assert "Traceback" not in out + err and "unreadable" not in out + err  # the category only, never the text
     lines = [line for line in out.splitlines() if line.startswith("Round ") and " | accuracy" in line]
     assert len(lines) == 4 and all("hospital-2 failed (data)" in line for line in lines), lines
+    assert all("hospital-1 rejected" in line for line in lines), lines
     assert "node " not in out
     assert "hospital-2" in (run / "run.log").read_text()
     status = _status(run)
     assert status["state"] == "finished" and status["exit_code"] == 1 and status["failed_hospitals"] == ["hospital-2"]
-    records = _check_ledger(run, odometer)
+    records = _check_ledger(run, odometer)  # every odometer charge, hospital-1's too, and the audit exits 0
     trained = {(r["round"], r["hospital"]) for r in records if r["status"] == "trained"}
-    assert {(n, h) for n in range(1, 5) for h in ("hospital-0", "hospital-1")} == trained
+    assert {(n, "hospital-0") for n in range(1, 5)} == trained
+    lost = [r for r in records if r["hospital"] == "hospital-1"]
+    assert [(r["round"], r["status"]) for r in lost] == [(n, "lost") for n in range(1, 5)]
+    assert lost[0]["prior_events"] == [] and lost[-1]["epsilon"] <= lost[-1]["max_epsilon"]
+    charges = _odometer_charges(odometer)["hospital-1"]
+    assert lost[-1]["epsilon"] == pytest.approx(charges[-1]["epsilon_after"], rel=1e-9)
 
 
 def test_stop_file_then_resume_ends_like_an_uninterrupted_run(tmp_path):

@@ -307,7 +307,8 @@ class ShardFiles:
 
     Restated from client/shards.py's file format and rule, not imported: two simulated shards
     share accounting when they share an example's hash; shards stored in another form count as
-    sharing when they come from the same source; a missing or unreadable shard file counts as
+    sharing when they come from the same source (the same resolved path, or the same content
+    identity); a missing or unreadable shard file counts as
     sharing with everything (the conservative side)."""
 
     def __init__(self, odometer: Path):
@@ -320,8 +321,8 @@ class ShardFiles:
             if SHARD_ID.fullmatch(shard_id):  # never a path elsewhere
                 try:
                     raw = json.loads((self.directory / f"{shard_id}.json").read_text(encoding="utf-8"))
-                    info = {"source": str(raw["source"]), "form": str(raw["form"]),
-                            "hashes": frozenset(map(str, raw["hashes"]))}
+                    info = {"source": str(raw["source"]), "content": str(raw.get("content", "")),
+                            "form": str(raw["form"]), "hashes": frozenset(map(str, raw["hashes"]))}
                 except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
                     info = None
             self._loaded[shard_id] = info
@@ -335,8 +336,8 @@ class ShardFiles:
         mine, theirs = self._load(own), self._load(other)
         if mine is None or theirs is None:
             return True
-        if mine["form"] != theirs["form"]:
-            return mine["source"] == theirs["source"]
+        if mine["form"] != theirs["form"]:  # the same source by its resolved path or by its content
+            return mine["source"] == theirs["source"] or bool(mine["content"]) and mine["content"] == theirs["content"]
         return not mine["hashes"].isdisjoint(theirs["hashes"])
 
 

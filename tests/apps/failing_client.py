@@ -1,9 +1,11 @@
-"""Test-only ClientApp: hospital-2 plans, then fails every training round (tests/test_faults.py).
+"""Test-only ClientApp: hospital-2 plans, then fails every training round; hospital-1 is rejected every round.
 
-Its privacy plan comes through (the real ClientApp's), so the coordinator knows its name;
-every training message then fails the way a hospital whose images became unreadable fails:
-the real ClientApp's error handling replies with the category "data" and nothing else.
-Every other hospital is the real ClientApp.
+hospital-2's privacy plan comes through (the real ClientApp's), so the coordinator knows its
+name; every training message then fails the way a hospital whose images became unreadable
+fails: the real ClientApp's error handling replies with the category "data" and nothing else.
+hospital-1 trains for real (its odometer is charged) and its reply then lacks its "epsilon"
+metric, so the coordinator rejects it every round: its charges must still reach the ledger.
+Every other hospital is the real ClientApp (tests/test_faults.py).
 """
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -25,7 +27,12 @@ def _broken(msg: Message, context: Context) -> bool:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _unreadable(msg, context) if _broken(msg, context) else honest.train(msg, context)
+    if _broken(msg, context):
+        return _unreadable(msg, context)
+    reply = honest.train(msg, context)
+    if int(context.node_config["partition-id"]) == 1 and reply.has_content():
+        del reply.content["metrics"]["epsilon"]  # charged, then malformed: rejected
+    return reply
 
 
 @app.evaluate()
