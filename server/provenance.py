@@ -49,6 +49,7 @@ def flower_run_facts(grid) -> dict:
         return {}
     facts = {"run_id": getattr(run, "run_id", None), "fab_id": getattr(run, "fab_id", ""),
              "fab_version": getattr(run, "fab_version", ""), "fab_hash": getattr(run, "fab_hash", ""),
+             "pending_at": getattr(run, "pending_at", ""),
              "running_at": getattr(run, "running_at", "") or getattr(run, "starting_at", "")}
     return {key: value for key, value in facts.items() if value not in (None, "")}
 

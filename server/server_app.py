@@ -27,12 +27,12 @@ from common.config import evaluation_rounds, from_dict, from_run_config, to_dict
 from common.durable import disk_full_line, is_disk_full
 from common.errors import UserError
 from common.federation import central_test_set, hospital_label_counts
-from server import checkpoint
+from server import checkpoint, run_guard
 from server.ledger import PrivacyLedger
 from server.plan import ask_plans, plan_lines
 from server.replies import RoundPlan
 from server.report import round_line, summary_lines
-from server.provenance import note_flower_run, provenance
+from server.provenance import flower_run_facts, note_flower_run, provenance
 from server.report_md import write_report
 from server.run_dir import RunDirectory
 from server.simulated import simulated_hospitals
@@ -229,6 +229,10 @@ def _status(state: str, rounds: int, strategy: PrivateFedAvg, reason: str, exit_
 def main(grid: Grid, context: Context) -> None:
     """Run the configured rounds and write the run directory; status.json tells how it ended."""
     note_flower_run(grid)  # Flower's run and its app bundle hash, for status.json's provenance
+    refused = run_guard.refusal(flower_run_facts(grid))
+    if refused:  # before anything is written or any hospital asked
+        print(f"error: {refused}", flush=True)
+        return
     simulated = simulated_hospitals(grid)  # 0 in a deployment
     try:
         config, run, saved = _open_run(context, simulated)
