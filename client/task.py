@@ -188,7 +188,7 @@ def simulation_site(config: Config, partition_id: int) -> HospitalSite:
         shard_filter=registry.overlap_filter(shard_id), extra={"shard": shard_id},
     )
     site = HospitalSite(shard.name, shard.train_x, shard.train_y, shard.eval_x, shard.eval_y,
-                        federation.dataset.num_classes, odometer, train_units=units)
+                        federation.dataset.num_classes, odometer, train_units=units, eval_units=shard.eval_units)
     _announce(site, "shared by the simulated hospitals; each counts every charge on data overlapping its shard")
     return site
 
@@ -280,6 +280,9 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     hashes = _hashes(train_x, train_y)
     if dataset.test_x is not None and len(dataset.test_x):
         eval_x, eval_y = dataset.test_x, dataset.test_y
+        # Held-out patients (client/evaluation.py weighs each patient's images 1/k): by patient id.
+        eval_units = None if dataset.test_patients is None else np.unique(dataset.test_patients.astype(str),
+                                                                         return_inverse=True)[1]
     else:
         # The hospital's split: its own fraction and seed, stored beside the odometer the first
         # time and reused; nothing in the run config can move an example. It is decided on the
@@ -301,6 +304,7 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
         del placed
         train_x, train_y, eval_x, eval_y = train_x[train_idx], train_y[train_idx], train_x[eval_idx], train_y[eval_idx]
         hashes = [hashes[i] for i in train_idx]
+        eval_units = None if units is None else units[eval_idx]  # whole patients: the split keeps groups whole
         units = None if units is None else np.unique(units[train_idx], return_inverse=True)[1]
     if len(train_y) == 0:
         raise UserError(f"{name} has no training examples in {node_config['data-path']}")
@@ -308,7 +312,7 @@ def deployment_site(node_config: dict, config: Config) -> HospitalSite:
     odometer = PrivacyOdometer(odometer_path, name, max_epsilon, delta,
                                data_fingerprint=fingerprint(hashes))
     evaluate = _switch(node_config, "evaluate", default=True)
-    site = HospitalSite(name, train_x, train_y, eval_x, eval_y, num_classes, odometer, evaluate, units)
+    site = HospitalSite(name, train_x, train_y, eval_x, eval_y, num_classes, odometer, evaluate, units, eval_units)
     _announce(site, "this hospital's own")
     return site
 

@@ -30,6 +30,7 @@ class Shard:
     eval_y: np.ndarray
     identical_sets: int = 0  # sets of identical images it holds (each set whole, common/duplicates.py)
     train_units: np.ndarray | None = None  # each training image's patient unit 0..P-1; None: the image is the unit
+    eval_units: np.ndarray | None = None  # the same for the held-out images (evaluation weighs a patient's k images 1/k)
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _shard(name, own: Dataset, fraction, seed) -> Shard:
     train_idx, eval_idx = holdout_split(np.arange(len(own.train_y)), fraction, seed=seed, groups=own.train_groups)
     x, y = own.train_x, own.train_y
     return Shard(name, x[train_idx], y[train_idx], x[eval_idx], y[eval_idx],
-                 sets_within(own.identical_sets, np.arange(len(y))), _units(own, train_idx))
+                 sets_within(own.identical_sets, np.arange(len(y))), _units(own, train_idx), _units(own, eval_idx))
 
 
 def _units(dataset: Dataset, train: np.ndarray) -> np.ndarray | None:
@@ -142,7 +143,8 @@ def build_federation(config: Config) -> Federation:
         x, y = dataset.train_x, dataset.train_y
         test_x, test_y = _test_set(dataset, test)
         shards = [Shard(name, x[train], y[train], x[held], y[held],
-                        sets_within(dataset.identical_sets, np.concatenate([train, held])), _units(dataset, train))
+                        sets_within(dataset.identical_sets, np.concatenate([train, held])), _units(dataset, train),
+                        _units(dataset, held))
                   for name, (train, held) in zip(names, hospitals)]
         federation = Federation(_without_training_images(dataset), test_x, test_y, shards)
     check_shards([s.train_y for s in federation.shards], names, config.train.batch_size)

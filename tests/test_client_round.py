@@ -5,6 +5,7 @@ import pytest
 from client.odometer import PrivacyOdometer
 from client.task import HospitalSite, TrainSettings, evaluate_round, noise_plan, train_round
 from common.config import load_config
+from common.eval_privacy import scores
 from common.data import load_dataset
 from common.dp_sgd import DPSGDEngine
 from common.model import build_model
@@ -43,8 +44,14 @@ def test_round_trains_charges_and_reports(digits, tmp_path):
     assert outcome.num_examples == 200 and outcome.prior_events == []
     # Charged on disk before the update could leave.
     assert PrivacyOdometer(tmp_path / "h0.jsonl", "hospital-0", 20.0, 1e-5).spent() == pytest.approx(outcome.epsilon)
-    scores = evaluate_round(site, config, outcome.weights)
-    assert 0.0 <= scores["accuracy"] <= 1.0 and np.isfinite(scores["loss"])
+    # Evaluation releases noisy per-class counts under the hospital's evaluation budget (its
+    # max-epsilon when the node config names none), never exact scores or a loss.
+    metrics, privacy = evaluate_round(site, config, outcome.weights, {"server-round": 1, "planned-evaluations": 1},
+                                      7, {"hospital-id": "hospital-0"})
+    assert privacy["status"] == "evaluated" and "loss" not in metrics and "accuracy" not in metrics
+    assert len(metrics["correct"]) == len(metrics["missed"]) == 10
+    assert 0 < metrics["evaluation-epsilon"] <= 20.0
+    assert 0.0 <= scores(metrics["correct"], metrics["missed"], metrics["num-examples"])["accuracy"] <= 1.0
 
 
 def test_round_declines_past_the_budget_and_sends_nothing(digits, tmp_path):
