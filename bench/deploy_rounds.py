@@ -22,21 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.deploy_helpers import Deployment, parse_json_output, quiet_env, wait_for
+from tests.deploy_helpers import Deployment, hospital_processes, parse_json_output, quiet_env, wait_for
 
 CONNECTION = "bench"
 
 
-def _hospital_process_pids(marker: str) -> set[int]:
-    """Hospital processes (client/hospital_process.py) whose command line names `marker`."""
+def _hospital_process_pids(deployment: Deployment) -> list[int]:
+    """The hospital processes (client/hospital_process.py) that the SuperNodes' ClientApps started."""
     import psutil
 
-    found = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "client.hospital_process" in cmdline and marker in cmdline:
-            found.add(proc.info["pid"])
-    return found
+    family = set()
+    for proc in deployment.procs:
+        try:
+            root = psutil.Process(proc.popen.pid)
+            family |= {root.pid, *(child.pid for child in root.children(recursive=True))}
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(proc.pid for proc in hospital_processes(family))
 
 
 def run(repo: Path, rounds: int, evaluate: bool, work: Path) -> dict:
@@ -47,6 +49,7 @@ def run(repo: Path, rounds: int, evaluate: bool, work: Path) -> dict:
 
     os.environ["HFL_DEPLOY_LOOPBACK"] = "1"
     hospitals = ("h1", "h2")
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
     deployment = Deployment(work)
     try:
         deployment.setup_network(list(hospitals))
@@ -95,7 +98,7 @@ def run(repo: Path, rounds: int, evaluate: bool, work: Path) -> dict:
         wall = time.monotonic() - started_at
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         seconds = [float(r["seconds"]) for r in rows if "seconds" in r]
-        processes = sorted(_hospital_process_pids(str(work)))
+        processes = _hospital_process_pids(deployment)
     finally:
         deployment.close()
     return {"status": status, "rounds": len(seconds), "seconds_per_round": [round(s, 2) for s in seconds],
@@ -103,6 +106,7 @@ def run(repo: Path, rounds: int, evaluate: bool, work: Path) -> dict:
             "median_later_rounds_s": round(statistics.median(seconds[1:]), 2) if len(seconds) > 1 else None,
             "mean_s": round(statistics.fmean(seconds), 2) if seconds else None,
             "wall_s_from_flwr_run": round(wall, 1), "hospital_processes_during_run": len(processes),
+            "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
             "evaluate": evaluate, "repo": str(repo), "cpus": os.cpu_count(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 

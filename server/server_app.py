@@ -43,6 +43,7 @@ log = logging.getLogger("hospital_fl")
 
 EXIT_FINISHED, EXIT_WITH_PROBLEMS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 POLL_SECONDS = 1.0
+REPLY_POLL_SECONDS = 0.25  # how often a round asks the SuperLink for replies (Flower's own loop: 3 s)
 
 
 class StopFlag:
@@ -515,6 +516,25 @@ def _finish(run, config, ledger, strategy, model, arrays, flower_runs, started, 
     run.write_status(_status(state, completed, strategy, reason, exit_code))
 
 
+def _send_and_receive(grid: Grid, messages, timeout: float) -> list:
+    """Grid.send_and_receive, asking for replies every REPLY_POLL_SECONDS instead of every 3 s.
+
+    A deployed round is a few seconds of work (client/hospital_process.py); Flower's loop
+    would round each exchange up to a multiple of 3 s. Replies (the SuperLink's own error
+    replies for a node that went away included) are collected until all are in or `timeout`."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies = []
+    while pending:
+        found = list(grid.pull_messages(pending))
+        replies += found
+        pending -= {reply.metadata.reply_to_message_id for reply in found}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(REPLY_POLL_SECONDS)
+    return replies
+
+
 def _train_round(grid, strategy, server_round, arrays, train_config, config, model, test_x, test_y, last_round):
     """One round: train, aggregate, evaluate. Returns (global arrays, metrics record, outcome).
 
@@ -525,7 +545,7 @@ def _train_round(grid, strategy, server_round, arrays, train_config, config, mod
     from common.metrics import evaluate_model
 
     timeout = config.train.round_timeout
-    replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
+    replies = _send_and_receive(grid, strategy.configure_train(server_round, arrays, train_config, grid), timeout)
     new_arrays, train_summary = strategy.aggregate_train(server_round, replies)
     if new_arrays is not None:
         arrays = new_arrays
@@ -536,7 +556,7 @@ def _train_round(grid, strategy, server_round, arrays, train_config, config, mod
     if config.train.fraction_evaluate > 0 and planned and planned[0] == server_round:
         request = ConfigRecord({"coordinator-run": train_config["coordinator-run"], "planned-evaluations": len(planned)})
         messages = strategy.configure_evaluate(server_round, arrays, request, grid)
-        federated = strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+        federated = strategy.aggregate_evaluate(server_round, _send_and_receive(grid, messages, timeout))
         for line in strategy.evaluation_lines:  # a hospital that declined or was rejected: one line each
             print(line, flush=True)
         if federated:
