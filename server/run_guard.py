@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-STALE_RUN_SECONDS = 300
+STALE_RUN_SECONDS = 1800  # long enough for a busy machine whose Ray takes minutes to start (measured: 8)
 
 
 def refusal(flower_run: dict, markers: Path | None = None, now: datetime | None = None) -> str | None:
