@@ -35,8 +35,11 @@ SOURCES = {  # name -> the settings that select the data set (everything else is
 FEDERATION = ["hospitals=5", "data.partition=dirichlet", "data.alpha=0.5"]
 
 
-def run(config, mode: str) -> dict:
-    """Train `config`'s recipe in `mode` (fed | central | nonprivate); final central test scores."""
+def run(config, mode: str, keep: list | None = None) -> dict:
+    """Train `config`'s recipe in `mode` (fed | central | nonprivate); final central test scores.
+
+    `keep`: a list the final model is appended to (bench/eval_privacy.py scores it on each
+    hospital's held-out split)."""
     from common.dp_sgd import DPSGDEngine, scheduled_learning_rate
     from common.federation import build_federation
     from common.metrics import evaluate_model
@@ -95,6 +98,8 @@ def run(config, mode: str) -> dict:
             model.set_weights(weights)
             curve.append(round(evaluate_model(model, federation.test_x, federation.test_y)["accuracy"], 4))
     model.set_weights(weights)
+    if keep is not None:
+        keep.append(model)
     scores = evaluate_model(model, federation.test_x, federation.test_y)
     return {"mode": mode, "examples": sizes.astype(int).tolist(), "noise_multipliers": [None if p[2] is None else round(p[2], 4) for p in plans],
             "steps_per_round": [p[1] for p in plans], "accuracy_every_5_rounds": curve,
