@@ -111,6 +111,7 @@ def test_a_deployed_hospitals_split_keeps_a_group_on_one_side(tmp_path):
     assert set(held) <= set(held2)  # nothing placed before moves
 
 
+@pytest.mark.slow
 @needs_shared
 def test_five_hospitals_on_data_with_duplicates_train_every_round_then_a_spent_odometer_fails(tmp_path):
     """The user's run: duplicates in the data, 5 hospitals, Dirichlet 0.5, budget 3, fresh odometer."""

@@ -18,6 +18,8 @@ import pytest
 from common.sampling import sampling_rate_for, steps_for
 from tests.test_simulation import _recompute  # the ledger's epsilon, recomputed with dp-accounting directly
 
+pytestmark = pytest.mark.slow  # every test here runs a real simulation
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--set", "train.batch_size=32", "--set", "model.filters=[8,16]", "--set", "model.dense_units=16",
          "--set", "train.local_epochs=1"]

@@ -18,9 +18,12 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.test_faults import SMALL, _check_ledger, _finish, _kill_tree, _odometer_charges, _start, _status, \
     _wait_for_round
+
+pytestmark = pytest.mark.slow  # every test here runs a real simulation
 
 ROUNDS = 4
 ROUND_LINE = " | accuracy"

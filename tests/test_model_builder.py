@@ -53,6 +53,7 @@ def test_make_model_uses_the_builder_and_refuses_what_is_not_a_model(monkeypatch
         load_config(None, ["model.builder=not a spec"])
 
 
+@pytest.mark.slow
 def test_simulation_trains_a_user_supplied_keras_model(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}

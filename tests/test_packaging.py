@@ -39,6 +39,7 @@ def _run(site: Path, cwd: Path, *args):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_wheel_ships_configs_the_console_command_and_no_tensorflow_privacy(installed):
     wheel, _ = installed
     archive = zipfile.ZipFile(wheel)
@@ -58,6 +59,7 @@ def test_wheel_ships_configs_the_console_command_and_no_tensorflow_privacy(insta
     assert "hospital-fl = server.cli:main" in entry_points
 
 
+@pytest.mark.slow
 def test_installed_copy_finds_its_configs_and_assembles_a_flower_app(installed, tmp_path):
     _, site = installed
     probe = (
@@ -84,6 +86,7 @@ def test_installed_copy_finds_its_configs_and_assembles_a_flower_app(installed, 
     assert "client/task.py" in zipfile.ZipFile(fab).namelist()
 
 
+@pytest.mark.slow
 def test_console_command_dispatches_to_each_tool(installed, tmp_path):
     _, site = installed
     for command, expected in (("--help", "simulate"), ("audit --help", "ledger"), ("certs --help", "usage")):

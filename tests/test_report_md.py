@@ -125,6 +125,7 @@ def _table(text: str, header: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_report_of_a_real_run_carries_provenance_the_plan_per_class_scores_unit_and_audit(real_run):
     text = (real_run / "report.md").read_text()
     provenance = dict(row[:2] for row in _table(text, "| | |"))
@@ -168,6 +169,7 @@ def test_report_of_a_real_run_carries_provenance_the_plan_per_class_scores_unit_
         assert f"]({image})" in text and (real_run / image).stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_report_states_each_hospitals_unit_of_privacy(real_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(real_run, copy)
@@ -189,6 +191,7 @@ def test_report_states_each_hospitals_unit_of_privacy(real_run, tmp_path):
     assert "for one patient (all of that patient's training images) of that hospital" in text
 
 
+@pytest.mark.slow
 def test_the_final_model_saved_with_standard_layers_loads_with_plain_tf_keras(real_run, tmp_path):
     """common.model.save_model: plain tf_keras.models.load_model reads it in a process that never imports
     the project, and it computes what the run's model computes."""
@@ -211,6 +214,7 @@ def test_the_final_model_saved_with_standard_layers_loads_with_plain_tf_keras(re
     assert isinstance(load_model(tmp_path / "plain.keras"), type(model))  # the project's loader reads it too
 
 
+@pytest.mark.slow
 def test_the_run_directorys_model_keras_loads_with_plain_tf_keras(real_run, tmp_path):
     import numpy as np
 

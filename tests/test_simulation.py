@@ -8,6 +8,8 @@ import dp_accounting
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # every test here runs a real simulation
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--set", "hospitals=2", "--set", "train.batch_size=32", "--set", "model.filters=[8,16]",
          "--set", "model.dense_units=16"]
