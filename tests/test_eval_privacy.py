@@ -219,6 +219,7 @@ def _audit(run: Path, *args) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow  # a real simulation
 def test_ledger_and_report_carry_both_epsilons(honest_run):
     run, _ = honest_run
     training = [json.loads(line) for line in (run / "privacy_ledger.jsonl").read_text().splitlines()]
@@ -246,6 +247,7 @@ def test_ledger_and_report_carry_both_epsilons(honest_run):
     assert "loss" not in final and len(final["correct"]) == 10 and 0 <= final["accuracy"] <= 1
 
 
+@pytest.mark.slow  # a real simulation
 def test_an_honest_run_passes_the_audit_which_recomputes_both(honest_run):
     run, odometer = honest_run
     result = _audit(run, "--odometer", str(odometer / "simulation.jsonl"))
@@ -254,6 +256,7 @@ def test_an_honest_run_passes_the_audit_which_recomputes_both(honest_run):
     assert "training eps" in result.stdout and "evaluation eps" in result.stdout
 
 
+@pytest.mark.slow  # a real simulation
 def test_the_audit_catches_a_tampered_evaluation_epsilon(honest_run, tmp_path):
     run, odometer = honest_run
     copy = tmp_path / "run"
@@ -276,3 +279,45 @@ def test_the_audit_catches_a_tampered_evaluation_epsilon(honest_run, tmp_path):
     result = _audit(copy, "--odometer", str(odometer / "simulation.jsonl"))
     assert result.returncode == 1, result.stdout + result.stderr  # ... but not with the odometer
     assert "evaluation ledger lacks" in result.stdout
+
+
+# ---------------------------------------------------------------------------- a deployed hospital
+
+def test_a_deployed_hospital_takes_its_evaluation_budget_from_its_node_config(tmp_path):
+    """client.handlers.evaluate with a real node config: the budget is the node's, never the run config's."""
+    from client.evaluation import NODE_KEY
+    from client.handlers import evaluate
+    from client.odometer import BudgetError
+    from common.config import load_config, to_dict
+
+    rng = np.random.default_rng(3)
+    data = tmp_path / "h.npz"
+    np.savez(data, train_images=rng.integers(0, 256, (240, 8, 8), dtype=np.uint8),
+             train_labels=rng.integers(0, 2, 240))
+    node = {"hospital-id": "st-marys", "data-source": "npz", "data-path": str(data), "max-epsilon": 8.0,
+            "delta": 1e-5, "odometer-path": str(tmp_path / "odo.jsonl"), "eval-fraction": 0.25, NODE_KEY: 0.5}
+    # A coordinator's run config asking for a larger evaluation budget changes nothing on a deployed node.
+    config = load_config(None, ["model.filters=[4]", "model.dense_units=8", "privacy.eval_max_epsilon=50"])
+    run_config = {"config-json": json.dumps(to_dict(config))}
+    model = make_model(config.model, (8, 8, 1), 2)
+    request = {"server-round": 1, "planned-evaluations": 2}
+    metrics, privacy = evaluate(node, run_config, request, model.get_weights(), 5)
+    assert privacy["status"] == "evaluated" and privacy["hospital"] == "st-marys"
+    assert metrics["eval-max-epsilon"] == 0.5 and 0 < metrics["evaluation-epsilon"] <= 0.5
+    assert len(metrics["correct"]) == 2 and 30 <= metrics["num-examples"] <= 90  # about a quarter held out
+    assert (tmp_path / "odo.eval.jsonl").is_file() and not (tmp_path / "odo.jsonl").exists()
+    second, _ = evaluate(node, run_config, request | {"server-round": 2}, model.get_weights(), 5)
+    third, declined = evaluate(node, run_config, request | {"server-round": 3}, model.get_weights(), 5)
+    assert second["evaluation-epsilon"] <= 0.5 and declined["status"] == "declined" and "correct" not in third
+    # Without the key the evaluation budget is the node's training budget; a bad value is refused.
+    node.pop(NODE_KEY)
+    node["odometer-path"] = str(tmp_path / "other.jsonl")
+    metrics, _ = evaluate(node, run_config, request, model.get_weights(), 6)
+    assert metrics["eval-max-epsilon"] == 8.0
+    with pytest.raises(BudgetError, match=NODE_KEY):
+        evaluate({**node, NODE_KEY: "lots"}, run_config, request, model.get_weights(), 6)
+    # The node config's evaluate=false: nothing released, nothing charged.
+    node["odometer-path"] = str(tmp_path / "off.jsonl")
+    metrics, privacy = evaluate({**node, "evaluate": "false"}, run_config, request, model.get_weights(), 7)
+    assert privacy["status"] == "off" and metrics == {"num-examples": 0}
+    assert not (tmp_path / "off.eval.jsonl").exists()
