@@ -220,6 +220,15 @@ def _check_odometer(training_odometer: Path, by_hospital: dict[str, list[dict]],
         own = [(i, line) for i, line in enumerate(lines) if line.get("run") == run and line.get("hospital") == hospital]
         ledger = by_hospital.get(hospital, [])
         if not own:
+            if ledger and not simulated:  # declined only: its prior events are every charge in its own file
+                known = Counter(_event(e) for r in ledger for e in r.get("prior_events", []) + r.get("added_prior_events", []))
+                held = Counter(_event(line) for line in lines if str(line.get("hospital")) == hospital)
+                if known != held:
+                    found.discrepancies.append(
+                        f"hospital {shown}: its evaluation records' prior events hold {sum(known.values())} event(s), "
+                        f"but evaluation odometer {path} holds {sum(held.values())} charge(s) of it: the odometer "
+                        f"implies evaluation epsilon {_epsilon([e for e in held.elements() if e], ledger[-1]['delta']):.6f}"
+                        if _valid_delta(ledger[-1]["delta"]) else f"hospital {shown}: evaluation delta out of range")
             continue
         evaluated = [r for r in ledger if r["status"] == "evaluated"]
         charged = {line.get("round"): line for _, line in own}
