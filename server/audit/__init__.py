@@ -74,6 +74,11 @@ Checks, each failure one numbered discrepancy:
     odometer's other charges counted for the hospital's data; the headline maximum takes the
     larger of the ledger's and the odometer's figure. Without it the verdict says what a ledger
     alone cannot show.
+  - evaluation_ledger.jsonl beside the ledger (evaluation.py): every evaluation epsilon (noisy
+    per-class counts, one Gaussian event per evaluation, sampling rate 1) recomputed the same
+    way, within the hospital's evaluation budget, its delta equal to the training delta; with
+    --odometer FILE, against FILE's `.eval.jsonl` sibling. The output gives each hospital's
+    training and evaluation epsilon and the patient's (the larger).
 """
 from server.audit.accounting import _pld_epsilon, _rdp_epsilon, reference_epsilons  # noqa: F401
 from server.audit.checks import ACCOUNTANTS, AuditReport, AuditRow, HospitalSummary, audit_ledger  # noqa: F401
