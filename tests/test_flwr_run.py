@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from server.flower_launch import free_ports
+from tests.deploy_helpers import parse_json_output
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +36,7 @@ def _stop_managed_superlink(flwr_home: Path) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+@pytest.mark.slow
 def test_flwr_run_dot_simulates_as_many_hospitals_as_supernodes_with_flat_overrides(tmp_path):
     flwr_home = tmp_path / "flwr-home"
     run_dir, odometer = tmp_path / "run", tmp_path / "odometer"
@@ -89,6 +91,7 @@ def test_simulate_refuses_bad_input_in_one_line_before_start_up(tmp_path):
     assert not (tmp_path / "flwr-home").exists()  # nothing of Flower was started
 
 
+@pytest.mark.slow
 def test_ctrl_c_once_asks_for_a_stop_twice_stops_now_and_leaves_no_process(tmp_path):
     import signal
     import time
@@ -125,3 +128,59 @@ def test_ctrl_c_once_asks_for_a_stop_twice_stops_now_and_leaves_no_process(tmp_p
         time.sleep(0.5)
     assert left == [], [p.info["cmdline"] for p in left]
     assert (flwr_home / "config.toml").read_text() == users_config  # put back as it was
+
+
+@pytest.mark.slow
+def test_a_flwr_run_killed_mid_way_is_not_run_again_by_the_restarted_local_superlink(tmp_path):
+    """Flower's local SuperLink keeps its runs in a database; restarted, it would start an unfinished
+    run again with nobody watching. The ServerApp refuses a run that already started (server/run_guard.py)."""
+    import time
+
+    flwr_home = tmp_path / "flwr-home"
+    run_dir, odometer = tmp_path / "run", tmp_path / "odometer"
+    http_port, control_port = free_ports(2)
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
+    flwr = str(Path(sys.executable).parent / "flwr")
+    overrides = f"rounds=40 privacy.max_epsilon=1000 privacy.odometer_dir='{odometer}' run-dir='{run_dir}'"
+    try:
+        for _ in range(3):  # Flower gives its local SuperLink 15 s to start: a busy machine may need a retry
+            started = subprocess.run([flwr, "run", ".", "--format", "json", "--federation-config",
+                                      "num-supernodes=2", "--run-config", overrides], cwd=ROOT, env=env,
+                                     capture_output=True, text=True, timeout=300)
+            if "Failed to start local SuperLink" not in started.stdout + started.stderr:
+                break
+            time.sleep(10)
+        assert started.returncode == 0, started.stdout + started.stderr
+        run_id = parse_json_output(started.stdout).get("run-id")
+        assert run_id, started.stdout + started.stderr
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 900
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(1)
+        _stop_managed_superlink(flwr_home)  # the machine's processes die mid-run
+        rounds_before = metrics.read_text().count("\n")
+        charges_before = (odometer / "simulation.jsonl").read_text().count("\n")
+        assert 1 <= rounds_before < 40
+
+        # The next `flwr` command starts the local SuperLink again, from the same database.
+        for _ in range(3):
+            listed = subprocess.run([flwr, "ls", "--format", "json"], cwd=ROOT, env=env, capture_output=True,
+                                    text=True, timeout=300)
+            if "Failed to start local SuperLink" not in listed.stdout + listed.stderr:
+                break
+            time.sleep(10)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        deadline = time.monotonic() + 120  # time for Flower to start whatever it would start again
+        while time.monotonic() < deadline:
+            time.sleep(5)
+            assert metrics.read_text().count("\n") == rounds_before, "the killed run trained again by itself"
+        assert (odometer / "simulation.jsonl").read_text().count("\n") == charges_before  # nothing more spent
+        log = subprocess.run([flwr, "log", str(run_id), "--show"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+        started_again = "second time" in log.stdout
+        # Either Flower did not start it again, or it did and the ServerApp refused it in one line.
+        assert started_again or f"Round {rounds_before + 1}/" not in log.stdout, log.stdout[-3000:]
+    finally:
+        _stop_managed_superlink(flwr_home)
