@@ -46,7 +46,9 @@ def test_deploy_a_supernode_killed_mid_run_never_hangs_the_run(tmp_path):
         for index, name in enumerate(HOSPITALS):
             _hospital_data(tmp_path / f"{name}.npz", order[index::3], images, digits.target)
         config = tmp_path / "faults.yaml"
-        config.write_text("rounds: 4\nhospitals: 3\ndata:\n  source: digits\n"
+        # A fixed sigma spends a fraction of each hospital's budget (a planned one would spend it
+        # all), so h1 and h2 can still train in the second run below until it is stopped.
+        config.write_text("rounds: 4\nhospitals: 3\ndata:\n  source: digits\ndp:\n  noise_multiplier: 4.0\n"
                           "train:\n  fraction_evaluate: 0\n  round_timeout: 240\n")
 
         deployment.spawn("superlink", _superlink_argv(deployment, certs), namespace=coord_ns,
@@ -109,7 +111,8 @@ def test_deploy_a_supernode_killed_mid_run_never_hangs_the_run(tmp_path):
 
         # The operator stops a second run with `flwr stop`: an interruption to resume, not a crash.
         stopped_dir, two = tmp_path / "stopped", tmp_path / "two.yaml"
-        two.write_text("rounds: 50\nhospitals: 2\ndata:\n  source: digits\ntrain:\n  fraction_evaluate: 0\n")
+        two.write_text("rounds: 50\nhospitals: 2\ndata:\n  source: digits\ndp:\n  noise_multiplier: 4.0\n"
+                       "train:\n  fraction_evaluate: 0\n")
         started = flwr("run", str(REPO), CONNECTION, "--format", "json", "--run-config",
                        f'run-dir="{stopped_dir}" config-path="{two}"', timeout=120)
         second = parse_json_output(started.stdout).get("run-id")
