@@ -242,3 +242,45 @@ def test_deploy_a_supernode_that_reconnects_trains_again_with_a_consistent_ledge
         assert "failed" not in lines[-1], lines[-1]
     except (AssertionError, subprocess.SubprocessError, OSError) as error:
         raise AssertionError(f"{error}\n{fed.logs()}") from None
+
+
+def _signal_tree(pid: int, signal_number: int) -> None:
+    family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for proc in family:
+        try:
+            proc.send_signal(signal_number)
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.mark.deploy
+def test_deploy_a_hospital_frozen_past_the_round_timeout_is_named_failed_timeout_and_the_run_goes_on(federation):
+    """SIGSTOP of a hospital's SuperNode (a hung machine): the round ends at train.round_timeout."""
+    import signal
+
+    rounds, timeout = 3, 60
+    fed = federation(rounds, round_timeout=timeout)
+    try:
+        run_id = fed.start_run(f'run-dir="{fed.run_dir}"', f'config-path="{fed.config}"')
+        wait_for(lambda: _checkpointed_round(fed.run_dir) >= 1, 600, 0.5, "round 1 to finish")
+        _signal_tree(fed.nodes["h2"].popen.pid, signal.SIGSTOP)
+        frozen_after = _checkpointed_round(fed.run_dir)
+        try:
+            # The next round cannot hear from h2: it must end by its timeout, not wait for ever.
+            wait_for(lambda: _checkpointed_round(fed.run_dir) > frozen_after, 3 * timeout + 300, 0.5,
+                     "a round to end without the frozen hospital")
+        finally:
+            _signal_tree(fed.nodes["h2"].popen.pid, signal.SIGCONT)
+        outcome, log = fed.wait_finished(run_id)
+        assert outcome == "finished:completed", log[-3000:]
+        lines = _round_lines(log)
+        assert len(lines) == rounds, log[-3000:]
+        assert "h2 failed (timeout)" in lines[frozen_after], lines  # the round after the freeze names it
+        status = json.loads((fed.run_dir / "status.json").read_text())
+        assert status["state"] == "finished" and status["rounds_completed"] == rounds, status
+        assert "h2" in status["failed_hospitals"], status
+        records = fed.check_ledger()  # a charge h2 made before it froze is ledgered all the same
+        assert [r["round"] for r in records if r["hospital"] == "h1" and r["status"] == "trained"] == \
+            list(range(1, rounds + 1))
+    except (AssertionError, subprocess.SubprocessError, OSError) as error:
+        raise AssertionError(f"{error}\n{fed.logs()}") from None
