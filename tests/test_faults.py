@@ -6,6 +6,7 @@ and that every odometer charge appears in the ledger.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -239,7 +240,11 @@ def test_a_killed_run_says_so_and_resumes_with_every_charge_ledgered(tmp_path):
     code, out, err = _finish(process, tmp_path, "resumed")
     assert code == 0, out + err
     assert "Traceback" not in out + err
-    assert _status(run)["state"] == "finished" and _status(run)["rounds_completed"] == 6
+    # A round charged but cut short before its model was saved is repeated under a new number.
+    repeated = re.search(r"repeats that work in (\d+) more round", out)
+    assert _status(run)["state"] == "finished"
+    # (the budget may end the run before the extra round: the plan paid for 6)
+    assert 6 <= _status(run)["rounds_completed"] <= 6 + (int(repeated.group(1)) if repeated else 0), out
     records = _check_ledger(run, odometer)  # every charge, including any of the cut-short round
     pairs = [(r["round"], r["hospital"]) for r in records]
     assert len(pairs) == len(set(pairs))  # no duplicate
