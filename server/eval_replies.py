@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from common.eval_privacy import MECHANISM, SENSITIVITY, query_event
 from common.privacy import PrivacyEvent
-from server.replies import (NAME, UNITS, Rejected, _integer, _number, _record, _text, parse_prior_events)
+from server.replies import (UNITS, Rejected, _integer, _number, _record, _text, hospital_name, parse_prior_events)
 
 EVAL_STATUSES = ("evaluated", "declined")
 MAX_CLASSES = 10_000
@@ -60,9 +60,7 @@ def read_evaluation(content, classes: int) -> EvaluationReport:
 
     `classes`: the global model's number of classes (2 for a single sigmoid output)."""
     metrics, privacy = _record(content, "metrics"), _record(content, "privacy")
-    hospital = _text(privacy, "hospital")
-    if not NAME.fullmatch(hospital):
-        raise Rejected("'hospital' must be 1-64 letters, digits, '.', '_' or '-'")
+    hospital = hospital_name(privacy)
     status = _text(privacy, "status", EVAL_STATUSES + ("off",))
     if status == "off":
         return EvaluationReport(hospital, "off")

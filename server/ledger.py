@@ -37,6 +37,10 @@ FIELDS = ("round", "hospital", "status", "noise_multiplier", "sampling_rate", "s
 class PrivacyLedger:
     """Appends records durably; remembers which hospitals already have their prior_events."""
 
+    fields = FIELDS
+    kind = "ledger"
+    defaults = {"unit": "image"}  # a record of an older ledger (resumed): images were the unit
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.records: list[dict] = []
@@ -45,11 +49,11 @@ class PrivacyLedger:
 
     def append(self, record: dict, prior_events: list[dict], added_prior_events: list[dict] = ()) -> dict:
         """Write one record (adding prior_events on the hospital's first) and fsync it."""
-        record = {"unit": "image"} | record  # a record of an older ledger (resumed): images were the unit
-        missing = [name for name in FIELDS if name not in record]
+        record = self.defaults | record
+        missing = [name for name in self.fields if name not in record]
         if missing:
-            raise ValueError(f"ledger record lacks {missing}")
-        record = {name: record[name] for name in FIELDS}
+            raise ValueError(f"{self.kind} record lacks {missing}")
+        record = {name: record[name] for name in self.fields}
         if not any(r["hospital"] == record["hospital"] for r in self.records):
             record["prior_events"] = prior_events
         if added_prior_events:
@@ -120,18 +124,9 @@ class EvaluationLedger(PrivacyLedger):
     training ledger reads what it always did.
     """
 
-    def append(self, record: dict, prior_events: list[dict], added_prior_events: list[dict] = ()) -> dict:
-        missing = [name for name in EVALUATION_FIELDS if name not in record]
-        if missing:
-            raise ValueError(f"evaluation ledger record lacks {missing}")
-        record = {name: record[name] for name in EVALUATION_FIELDS}
-        if not any(r["hospital"] == record["hospital"] for r in self.records):
-            record["prior_events"] = prior_events
-        if added_prior_events:
-            record["added_prior_events"] = list(added_prior_events)
-        append_line(self.path, json.dumps(record))
-        self.records.append(record)
-        return record
+    fields = EVALUATION_FIELDS
+    kind = "evaluation ledger"
+    defaults = {}
 
     def history(self, hospital: str) -> list[PrivacyEvent]:
         """Every evaluation event the hospital's latest evaluation epsilon composes."""

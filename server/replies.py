@@ -147,12 +147,18 @@ def parse_prior_events(text) -> tuple[PrivacyEvent, ...]:
     return tuple(events)
 
 
-def read_privacy(content, plan: RoundPlan) -> PrivacyReport:
-    """Every field the ledger needs, typed, finite, in range and consistent with `plan`."""
-    metrics, privacy = _record(content, "metrics"), _record(content, "privacy")
+def hospital_name(privacy: dict) -> str:
+    """The reply's hospital name, refused unless it is a plain name (it is printed and ledgered)."""
     hospital = _text(privacy, "hospital")
     if not NAME.fullmatch(hospital):
         raise Rejected("'hospital' must be 1-64 letters, digits, '.', '_' or '-'")
+    return hospital
+
+
+def read_privacy(content, plan: RoundPlan) -> PrivacyReport:
+    """Every field the ledger needs, typed, finite, in range and consistent with `plan`."""
+    metrics, privacy = _record(content, "metrics"), _record(content, "privacy")
+    hospital = hospital_name(privacy)
     status = _text(privacy, "status", STATUSES)
     _text(privacy, "sampling", (SAMPLING,))
     _text(privacy, "accountant", ("pld",))
