@@ -240,6 +240,38 @@ def test_deploy_each_hospital_is_one_long_lived_process_that_logs_its_own_epsilo
 
 
 @pytest.mark.deploy
+def test_deploy_evaluation_under_dp_is_charged_ledgered_reported_and_audited(deployed):
+    """Federated evaluation of the final model over the real SuperLink: each hospital charged its
+    own evaluation odometer before releasing noisy counts, the coordinator ledgered exactly that
+    evaluation epsilon, report.md gives it beside the training epsilon, and the audit with both
+    hospitals' odometers recomputes and cross-checks training and evaluation."""
+    import sys
+
+    assert deployed.status == "finished:completed", deployed.logs()
+    evaluations = [json.loads(line) for line in
+                   (deployed.run_dir / "evaluation_ledger.jsonl").read_text().splitlines() if line.strip()]
+    assert sorted((r["round"], r["hospital"], r["status"]) for r in evaluations) == \
+        [(2, "h1", "evaluated"), (2, "h2", "evaluated")], evaluations
+    for record in evaluations:
+        charges = [json.loads(line) for line in deployed.odometers[record["hospital"]].with_suffix(".eval.jsonl")
+                   .read_text().splitlines() if line.strip()]
+        assert len(charges) == 1, charges
+        assert charges[0]["noise_multiplier"] == pytest.approx(record["noise_multiplier"]), (charges, record)
+        assert 0 < record["epsilon"] <= record["max_epsilon"] == pytest.approx(8.0), record
+        assert record["delta"] == pytest.approx(1e-5) and record["mechanism"] == "gaussian-counts", record
+    report = (deployed.run_dir / "report.md").read_text()
+    assert "## Privacy of the federated evaluation" in report
+    for record in evaluations:
+        assert any(line.startswith(f"| {record['hospital']} |") and f"{record['epsilon']:.3f}" in line
+                   for line in report.splitlines()), report
+    audit = subprocess.run([sys.executable, "-m", "server.audit", str(deployed.run_dir),
+                            *[arg for path in deployed.odometers.values() for arg in ("--odometer", str(path))]],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "evaluation: OK, every evaluation epsilon recomputes" in audit.stdout, audit.stdout
+
+
+@pytest.mark.deploy
 def test_deploy_refuses_unregistered_supernode(deployed):
     code, log = deployed.intruders["unregistered"]
     assert code not in (0, None), deployed.logs()
