@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-from tests.deploy_helpers import Deployment, hospital_processes, parse_json_output, quiet_env, wait_for
+from tests.deploy_helpers import (Deployment, certs_and_keys, digits_hospitals, hospital_processes, parse_json_output,
+                                  quiet_env, superlink_argv, supernode_argv, wait_for)
 
 CONNECTION = "bench"
 
@@ -42,11 +42,6 @@ def _hospital_process_pids(deployment: Deployment) -> list[int]:
 
 
 def run(repo: Path, rounds: int, evaluate: bool, work: Path) -> dict:
-    from sklearn.datasets import load_digits
-
-    from server.certs import create_coordinator_certs, create_hospital_key
-    from tests.test_deploy import _hospital_data, _superlink_argv, _supernode_argv
-
     os.environ["HFL_DEPLOY_LOOPBACK"] = "1"
     hospitals = ("h1", "h2")
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
@@ -54,18 +49,12 @@ def run(repo: Path, rounds: int, evaluate: bool, work: Path) -> dict:
     try:
         deployment.setup_network(list(hospitals))
         certs, keys = work / "certs", work / "keys"
-        create_coordinator_certs(certs, ["localhost"], [deployment.link_host])
-        for name in hospitals:
-            create_hospital_key(keys, name)
-        digits = load_digits()
-        images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
-        order = np.random.default_rng(0).permutation(len(digits.target))
-        for index, name in enumerate(hospitals):
-            _hospital_data(work / f"{name}.npz", order[index::2], images, digits.target)
+        certs_and_keys(deployment, certs, keys, hospitals)
+        digits_hospitals(work, hospitals)
         config = work / "bench.yaml"
         config.write_text(f"rounds: {rounds}\nhospitals: 2\ndata:\n  source: digits\n"
                           f"train:\n  fraction_evaluate: {1 if evaluate else 0}\n  round_timeout: 600\n")
-        deployment.spawn("superlink", _superlink_argv(deployment, certs),
+        deployment.spawn("superlink", superlink_argv(deployment, certs),
                          env=quiet_env({"FLWR_HOME": str(work / "home-superlink")}))
         operator = deployment.write_flower_config(work / "home-operator", CONNECTION, certs / "ca.crt")
 
@@ -80,7 +69,7 @@ def run(repo: Path, rounds: int, evaluate: bool, work: Path) -> dict:
         for name in hospitals:
             node_config = (f'hospital-id="{name}" data-source="npz" data-path="{work / name}.npz" '
                            f'max-epsilon=8.0 delta=1e-5 odometer-path="{work / name}-odometer.jsonl"')
-            deployment.spawn(name, _supernode_argv(deployment, certs / "ca.crt", keys / f"{name}.key", node_config),
+            deployment.spawn(name, supernode_argv(deployment, certs / "ca.crt", keys / f"{name}.key", node_config),
                              env=quiet_env({"FLWR_HOME": str(work / f"home-{name}")}))
         run_dir = work / "run"
         started_at = time.monotonic()

@@ -347,3 +347,60 @@ def parse_json_output(text: str) -> dict:
         return json.loads(text)
     except json.JSONDecodeError:
         raise AssertionError(f"no JSON in flwr output:\n{text}") from None
+
+
+# ---------------------------------------------------------------------- a federation's pieces
+
+def write_hospital_npz(path: Path, part, images, labels) -> None:
+    """A MedMNIST-layout .npz (uint8 images, integer labels) with a local held-out split."""
+    import numpy as np
+
+    cut = int(len(part) * 0.85)
+    np.savez(path, train_images=images[part[:cut]], train_labels=labels[part[:cut]],
+             test_images=images[part[cut:]], test_labels=labels[part[cut:]])
+
+
+def digits_hospitals(workdir: Path, names, parts: int | None = None) -> None:
+    """`<name>.npz` for each hospital: every `parts`-th of scikit-learn's bundled digits (8x8,
+    labels 0..9) in a fixed shuffled order, so the hospitals hold disjoint shares."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    for index, name in enumerate(names):
+        write_hospital_npz(workdir / f"{name}.npz", order[index::parts or len(names)], images, digits.target)
+
+
+def certs_and_keys(deployment: "Deployment", certs: Path, keys: Path, names) -> None:
+    """The coordinator's CA and server certificate for the address the hospitals use, and a key per name."""
+    from server.certs import create_coordinator_certs, create_hospital_key
+
+    create_coordinator_certs(certs, ["localhost"] if deployment.mode == "loopback" else [], [deployment.link_host])
+    for name in names:
+        create_hospital_key(keys, name)
+
+
+def superlink_argv(deployment: Deployment, certs: Path) -> list[str]:
+    return ["flower-superlink",
+            "--ssl-ca-certfile", str(certs / "ca.crt"),
+            "--ssl-certfile", str(certs / "server.crt"),
+            "--ssl-keyfile", str(certs / "server.key"),
+            "--enable-supernode-auth",
+            "--host", deployment.link_host, "--port", str(deployment.link_port),
+            "--disable-runtime-dependency-installation"]
+
+
+def supernode_argv(deployment: Deployment, root_ca: Path, key: Path, node_config: str | None = None,
+                    give_up: bool = False) -> list[str]:
+    argv = ["flower-supernode",
+            "--superlink", deployment.superlink_address,
+            "--root-certificates", str(root_ca),
+            "--auth-supernode-private-key", str(key),
+            "--port", str(deployment.node_port())]
+    if node_config:
+        argv += ["--node-config", node_config]
+    if give_up:  # intruders: a few tries, then exit instead of retrying forever
+        argv += ["--max-retries", "2", "--max-wait-time", "15"]
+    return argv

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.certs import create_coordinator_certs, create_hospital_key
-from tests.deploy_helpers import REPO, Deployment, Proc, parse_json_output, quiet_env, wait_for
+from server.certs import create_coordinator_certs
+from tests.deploy_helpers import (REPO, Deployment, Proc, certs_and_keys, digits_hospitals, parse_json_output, quiet_env,
+                                  superlink_argv, supernode_argv, wait_for)
 
 HOSPITALS = ("h1", "h2")
 CONNECTION = "hospitals"  # the operator's name for the SuperLink in the Flower Configuration
@@ -57,41 +58,8 @@ class Outcome:
         return "\n".join(parts)
 
 
-def _hospital_data(path: Path, part: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
-    """A MedMNIST-layout .npz (uint8 images, integer labels) with a local held-out split."""
-    cut = int(len(part) * 0.85)
-    np.savez(path, train_images=images[part[:cut]], train_labels=labels[part[:cut]],
-             test_images=images[part[cut:]], test_labels=labels[part[cut:]])
-
-
-def _superlink_argv(deployment: Deployment, certs: Path) -> list[str]:
-    return ["flower-superlink",
-            "--ssl-ca-certfile", str(certs / "ca.crt"),
-            "--ssl-certfile", str(certs / "server.crt"),
-            "--ssl-keyfile", str(certs / "server.key"),
-            "--enable-supernode-auth",
-            "--host", deployment.link_host, "--port", str(deployment.link_port),
-            "--disable-runtime-dependency-installation"]
-
-
-def _supernode_argv(deployment: Deployment, root_ca: Path, key: Path, node_config: str | None = None,
-                    give_up: bool = False) -> list[str]:
-    argv = ["flower-supernode",
-            "--superlink", deployment.superlink_address,
-            "--root-certificates", str(root_ca),
-            "--auth-supernode-private-key", str(key),
-            "--port", str(deployment.node_port())]
-    if node_config:
-        argv += ["--node-config", node_config]
-    if give_up:  # intruders: a few tries, then exit instead of retrying forever
-        argv += ["--max-retries", "2", "--max-wait-time", "15"]
-    return argv
-
-
 def _deploy(outcome: Outcome) -> None:
     """Start everything, refuse the intruders, run two rounds; record what happened in `outcome`."""
-    from sklearn.datasets import load_digits
-
     work, deployment = outcome.workdir, outcome.deployment
     deployment.setup_network([*HOSPITALS, "unregistered", "wrong-ca"])
     print(deployment.note)
@@ -99,23 +67,13 @@ def _deploy(outcome: Outcome) -> None:
         warnings.warn(deployment.note, UserWarning, stacklevel=1)
     coord_ns = deployment.coordinator_ns
 
-    # Coordinator: CA and server certificate for the address the hospitals use.
-    certs, other_ca = work / "certs", work / "other-ca"
-    create_coordinator_certs(certs, ["localhost"] if deployment.mode == "loopback" else [], [deployment.link_host])
+    certs, other_ca, keys = work / "certs", work / "other-ca", work / "keys"
+    certs_and_keys(deployment, certs, keys, (*HOSPITALS, "unregistered", "wrong-ca"))
     create_coordinator_certs(other_ca, [], [deployment.link_host])  # a CA nobody should trust
-    keys = work / "keys"
-    for name in (*HOSPITALS, "unregistered", "wrong-ca"):
-        create_hospital_key(keys, name)
-
-    # Each hospital's own data: disjoint halves of the bundled digits (8x8, labels 0..9).
-    digits = load_digits()
-    images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
-    order = np.random.default_rng(0).permutation(len(digits.target))
-    for index, name in enumerate(HOSPITALS):
-        _hospital_data(work / f"{name}.npz", order[index::2], images, digits.target)
+    digits_hospitals(work, HOSPITALS)  # each hospital's own data: disjoint halves of the digits
 
     outcome.procs["superlink"] = deployment.spawn(
-        "superlink", _superlink_argv(deployment, certs), namespace=coord_ns,
+        "superlink", superlink_argv(deployment, certs), namespace=coord_ns,
         env=quiet_env({"FLWR_HOME": str(work / "home-superlink")}))
     operator = deployment.write_flower_config(work / "home-operator", CONNECTION, certs / "ca.crt")
 
@@ -143,11 +101,11 @@ def _deploy(outcome: Outcome) -> None:
                        f'max-epsilon=8.0 delta=1e-5 odometer-path="{work / name}-odometer.jsonl"')
         outcome.odometers[name] = work / f"{name}-odometer.jsonl"
         outcome.procs[name] = deployment.spawn(
-            name, _supernode_argv(deployment, certs / "ca.crt", keys / f"{name}.key", node_config),
+            name, supernode_argv(deployment, certs / "ca.crt", keys / f"{name}.key", node_config),
             namespace=deployment.node_ns.get(name), env=quiet_env({"FLWR_HOME": str(work / f"home-{name}")}))
     intruders = {
-        "unregistered": _supernode_argv(deployment, certs / "ca.crt", keys / "unregistered.key", give_up=True),
-        "wrong-ca": _supernode_argv(deployment, other_ca / "ca.crt", keys / "wrong-ca.key", give_up=True),
+        "unregistered": supernode_argv(deployment, certs / "ca.crt", keys / "unregistered.key", give_up=True),
+        "wrong-ca": supernode_argv(deployment, other_ca / "ca.crt", keys / "wrong-ca.key", give_up=True),
     }
     for name, argv in intruders.items():
         outcome.procs[name] = deployment.spawn(name, argv, namespace=deployment.node_ns.get(name),

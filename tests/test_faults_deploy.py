@@ -9,12 +9,10 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from server.certs import create_coordinator_certs, create_hospital_key
-from tests.deploy_helpers import REPO, Deployment, _kill_tree, parse_json_output, quiet_env, wait_for
-from tests.test_deploy import _hospital_data, _superlink_argv, _supernode_argv
+from tests.deploy_helpers import (REPO, Deployment, _kill_tree, certs_and_keys, digits_hospitals, parse_json_output,
+                                  quiet_env, superlink_argv, supernode_argv, wait_for)
 
 HOSPITALS = ("h1", "h2", "h3")
 CONNECTION = "hospitals"
@@ -29,29 +27,21 @@ def _checkpointed_round(run_dir) -> int:
 
 @pytest.mark.deploy
 def test_deploy_a_supernode_killed_mid_run_never_hangs_the_run(tmp_path):
-    from sklearn.datasets import load_digits
-
     deployment = Deployment(tmp_path)
     run_dir = tmp_path / "run"
     try:
         deployment.setup_network(list(HOSPITALS))
         coord_ns = deployment.coordinator_ns
         certs, keys = tmp_path / "certs", tmp_path / "keys"
-        create_coordinator_certs(certs, ["localhost"] if deployment.mode == "loopback" else [], [deployment.link_host])
-        for name in HOSPITALS:
-            create_hospital_key(keys, name)
-        digits = load_digits()
-        images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
-        order = np.random.default_rng(0).permutation(len(digits.target))
-        for index, name in enumerate(HOSPITALS):
-            _hospital_data(tmp_path / f"{name}.npz", order[index::3], images, digits.target)
+        certs_and_keys(deployment, certs, keys, HOSPITALS)
+        digits_hospitals(tmp_path, HOSPITALS, parts=3)
         config = tmp_path / "faults.yaml"
         # A fixed sigma spends a fraction of each hospital's budget (a planned one would spend it
         # all), so h1 and h2 can still train in the second run below until it is stopped.
         config.write_text("rounds: 4\nhospitals: 3\ndata:\n  source: digits\ndp:\n  noise_multiplier: 4.0\n"
                           "train:\n  fraction_evaluate: 0\n  round_timeout: 240\n")
 
-        deployment.spawn("superlink", _superlink_argv(deployment, certs), namespace=coord_ns,
+        deployment.spawn("superlink", superlink_argv(deployment, certs), namespace=coord_ns,
                          env=quiet_env({"FLWR_HOME": str(tmp_path / "home-superlink")}))
         operator = deployment.write_flower_config(tmp_path / "home-operator", CONNECTION, certs / "ca.crt")
 
@@ -69,7 +59,7 @@ def test_deploy_a_supernode_killed_mid_run_never_hangs_the_run(tmp_path):
             node_config = (f'hospital-id="{name}" data-source="npz" data-path="{tmp_path / name}.npz" '
                            f'max-epsilon=8.0 delta=1e-5 odometer-path="{tmp_path / name}-odometer.jsonl"')
             nodes[name] = deployment.spawn(
-                name, _supernode_argv(deployment, certs / "ca.crt", keys / f"{name}.key", node_config),
+                name, supernode_argv(deployment, certs / "ca.crt", keys / f"{name}.key", node_config),
                 namespace=deployment.node_ns.get(name), env=quiet_env({"FLWR_HOME": str(tmp_path / f"home-{name}")}))
         started = flwr("run", str(REPO), CONNECTION, "--format", "json", "--run-config",
                        f'run-dir="{run_dir}" config-path="{config}"', timeout=120)

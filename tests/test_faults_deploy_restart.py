@@ -14,13 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 
-from server.certs import create_coordinator_certs, create_hospital_key
-from tests.deploy_helpers import REPO, Deployment, _kill_tree, parse_json_output, quiet_env, wait_for
-from tests.test_deploy import _hospital_data, _superlink_argv, _supernode_argv
+from tests.deploy_helpers import (REPO, Deployment, _kill_tree, certs_and_keys, digits_hospitals, parse_json_output,
+                                  quiet_env, superlink_argv, supernode_argv, wait_for)
 
 HOSPITALS = ("h1", "h2")
 CONNECTION = "hospitals"
@@ -53,19 +51,10 @@ class Federation:
         return self.tmp / f"{name}-odometer.jsonl"
 
     def setup(self) -> None:
-        from sklearn.datasets import load_digits
-
         deployment = self.deployment
         deployment.setup_network(list(HOSPITALS))
-        create_coordinator_certs(self.certs, ["localhost"] if deployment.mode == "loopback" else [],
-                                 [deployment.link_host])
-        for name in HOSPITALS:
-            create_hospital_key(self.keys, name)
-        digits = load_digits()
-        images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
-        order = np.random.default_rng(0).permutation(len(digits.target))
-        for index, name in enumerate(HOSPITALS):
-            _hospital_data(self.tmp / f"{name}.npz", order[index::len(HOSPITALS)], images, digits.target)
+        certs_and_keys(deployment, self.certs, self.keys, HOSPITALS)
+        digits_hospitals(self.tmp, HOSPITALS)
         self.start_superlink()
         self.operator = deployment.write_flower_config(self.tmp / "home-operator", CONNECTION, self.certs / "ca.crt")
         for result in deployment.run_many(
@@ -78,7 +67,7 @@ class Federation:
 
     def start_superlink(self) -> None:
         """The SuperLink, its state in a database file: a restart keeps the registered hospitals."""
-        argv = [*_superlink_argv(self.deployment, self.certs), "--database", str(self.tmp / "superlink.db")]
+        argv = [*superlink_argv(self.deployment, self.certs), "--database", str(self.tmp / "superlink.db")]
         count = sum(1 for p in self.deployment.procs if p.name.startswith("superlink"))
         self.superlink = self.deployment.spawn(f"superlink-{count}", argv, namespace=self.deployment.coordinator_ns,
                                                env=quiet_env({"FLWR_HOME": str(self.tmp / "home-superlink")}))
@@ -91,7 +80,7 @@ class Federation:
                        f'max-epsilon=8.0 delta=1e-5 odometer-path="{self.odometer(name)}"')
         count = sum(1 for p in self.deployment.procs if p.name.startswith(name))
         self.nodes[name] = self.deployment.spawn(
-            f"{name}-{count}", _supernode_argv(self.deployment, self.certs / "ca.crt", self.keys / f"{name}.key",
+            f"{name}-{count}", supernode_argv(self.deployment, self.certs / "ca.crt", self.keys / f"{name}.key",
                                                node_config),
             namespace=self.deployment.node_ns.get(name), env=quiet_env({"FLWR_HOME": str(self.tmp / f"home-{name}")}))
 
