@@ -45,7 +45,10 @@ ERROR_CODE = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION: the number car
 app = ClientApp()
 
 # The hospital's own log (declined rounds, epsilon spent and left, local training loss):
-# shown on the SuperNode's terminal in deployment; it is never sent to the coordinator.
+# shown on the SuperNode's terminal in deployment; it is never sent to the coordinator. A
+# simulated hospital has no terminal of its own: Flower forwards its workers' output into the
+# run's log stream (`flwr run --stream`, simulate.py's flower.log), so there it shows only
+# warnings and errors, and its epsilon is on the coordinator's round line (_show_hospital_log).
 _handler = logging.StreamHandler(sys.stderr)
 _handler.setFormatter(logging.Formatter("%(asctime)s hospital %(message)s"))
 logging.getLogger("hospital").addHandler(_handler)
@@ -126,8 +129,14 @@ def _forwarded(context: Context) -> bool:
     return switch == "on" or Path(sys.argv[0]).name == "flwr-clientapp"
 
 
+def _show_hospital_log(context: Context) -> None:
+    """Info lines on a deployed hospital's own terminal; warnings and errors only in simulation."""
+    _handler.setLevel(logging.INFO if "hospital-id" in context.node_config else logging.WARNING)
+
+
 def _work(kind: str, msg: Message, context: Context, **content) -> dict:
     """The message's plain content -> the hospital's plain reply, here or in the hospital process."""
+    _show_hospital_log(context)
     request = {"kind": kind, "node-config": dict(context.node_config), "run-config": dict(context.run_config),
                "config": dict(msg.content["config"]) if "config" in msg.content else {},
                "flower-run": context.run_id, **content}

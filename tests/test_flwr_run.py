@@ -54,6 +54,9 @@ def test_flwr_run_dot_simulates_as_many_hospitals_as_supernodes_with_flat_overri
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "Round 1/1" in output, output[-4000:]
+    # The simulated hospitals' own info lines (local training loss, odometer) stay out of the
+    # run's log stream: DESIGN.md keeps the local loss local; their epsilon is on the round line.
+    assert "local train loss" not in output and "hospital hospital-0" not in output, output[-4000:]
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["hospitals"] == 3  # from Flower's num-supernodes, not default.yaml's 5
