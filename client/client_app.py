@@ -152,6 +152,14 @@ def _work(kind: str, msg: Message, context: Context, **content) -> dict:
     return handlers.handle(request)
 
 
+def _deadline(msg: Message) -> float | None:
+    """When the coordinator stops waiting for the reply: the message's creation time plus its time to live."""
+    import math
+
+    deadline = float(msg.metadata.created_at) + float(msg.metadata.ttl)
+    return deadline if math.isfinite(deadline) else None
+
+
 @app.query()
 @_guarded
 def plan(msg: Message, context: Context) -> Message:
@@ -169,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
     velocity = context.state["velocity"].to_numpy_ndarrays() if "velocity" in context.state else None
     declined = context.state["declined"].get("run") if "declined" in context.state else None
     reply = _work("train", msg, context, arrays=msg.content["arrays"].to_numpy_ndarrays(), velocity=velocity,
-                  **{"declined-run": declined})
+                  **{"declined-run": declined, "deadline": _deadline(msg)})
     if reply["velocity"] is not None:
         context.state["velocity"] = ArrayRecord(reply["velocity"])
     if reply["declined-run"] is not None:

@@ -78,12 +78,13 @@ def plan(node_config: dict, run_config: dict, round_config: dict, run_id: int) -
 
 
 def train(node_config: dict, run_config: dict, round_config: dict, weights: list[np.ndarray], run_id: int,
-          velocity: list[np.ndarray] | None, declined_run: int | None) -> dict:
+          velocity: list[np.ndarray] | None, declined_run: int | None, deadline: float | None = None) -> dict:
     """Train the received global model on this hospital's data with DP-SGD, within its budget.
 
     `velocity` is the hospital's momentum from its previous round of this run and
     `declined_run` the run it last declined in (both kept in the node's own Flower state,
-    never sent). Returns the reply's "arrays" (None when declined), "metrics" and "privacy",
+    never sent); `deadline` the time the coordinator stops waiting for this reply (the
+    message's creation time plus its time to live). Returns the reply's "arrays" (None when declined), "metrics" and "privacy",
     and the state to keep: "velocity" (None: unchanged) and "declined-run" (None: unchanged).
     """
     config, hospital = site(node_config, run_config)
@@ -92,7 +93,7 @@ def train(node_config: dict, run_config: dict, round_config: dict, weights: list
     # A hospital that declined once in a run declines for the rest of it, as its plan said:
     # re-planned for fewer rounds, crumbs of budget would buy a round of near-pure noise.
     outcome = train_round(hospital, config, train_settings, weights, run_id, round_number, velocity,
-                          declined_before=declined_run == run_id)
+                          declined_before=declined_run == run_id, deadline=deadline)
     budget = hospital.odometer.max_epsilon
     # The hospital's own log only (its SuperNode's terminal and <odometer>.errors.log): never sent.
     spend = (f"hospital {hospital.name} round {round_number}: epsilon {outcome.epsilon:.3f} of {budget:.3f} spent, "
@@ -145,7 +146,7 @@ def handle(request: dict) -> dict:
 
     `request`: "kind" ("query" | "train" | "evaluate"), "node-config", "run-config",
     "config" (the coordinator's config record), "flower-run" (Flower's run id), and for
-    train and evaluate "arrays"; for train also "velocity" and "declined-run".
+    train and evaluate "arrays"; for train also "velocity", "declined-run" and "deadline".
     """
     kind, node_config, run_config = request["kind"], request["node-config"], request["run-config"]
     round_config = request["config"]
@@ -154,7 +155,7 @@ def handle(request: dict) -> dict:
     if kind == "train":
         return train(node_config, run_config, round_config, request["arrays"],
                      coordinator_run(round_config, request["flower-run"]), request.get("velocity"),
-                     request.get("declined-run"))
+                     request.get("declined-run"), request.get("deadline"))
     if kind == "evaluate":
         metrics, privacy = evaluate(node_config, run_config, round_config, request["arrays"],
                                     coordinator_run(round_config, request["flower-run"]))

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -465,9 +466,23 @@ def plan_summary(site: HospitalSite, settings: TrainSettings, run_id: int) -> di
     return summary
 
 
+def _refuse_past(deadline: float | None, round_number: int) -> None:
+    """Refuse, before any charge, a round whose reply would arrive after the coordinator stopped waiting.
+
+    The deadline is on the coordinator's clock: a hospital whose clock runs ahead by more than
+    the round timeout refuses every round, and this line says so; it never spends more."""
+    if deadline is None:
+        return
+    late = time.time() - deadline
+    if late > 0:
+        raise SettingsError(f"round {round_number} reached this hospital {late:.0f} s after the coordinator's deadline "
+                            "for it (train.round_timeout): nothing charged; if that keeps happening, check that this "
+                            "machine's clock agrees with the coordinator's (NTP)")
+
+
 def train_round(site: HospitalSite, config: Config, settings: TrainSettings, weights: list[np.ndarray],
                 run_id: int, round_number: int, velocity: list[np.ndarray] | None = None,
-                declined_before: bool = False) -> TrainOutcome:
+                declined_before: bool = False, deadline: float | None = None) -> TrainOutcome:
     """Plan or take the noise, check the budget, charge the odometer durably, then train with DP-SGD.
 
     `velocity` is the momentum this hospital's previous round of the run left: a round has
@@ -475,6 +490,9 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
     the hospital's optimizer carries on where it stopped, as one centralized run would
     (BENCHMARKS.md section 3). It is post-processing of the hospital's own noisy gradients.
     `declined_before`: the hospital declined an earlier round of this run, so it declines again.
+    `deadline` (Unix time, the coordinator's clock): past it the coordinator no longer counts
+    this round's reply, so the hospital refuses before charging (a SuperNode frozen with the
+    message in hand, then resumed, would otherwise spend budget on a reply nobody ledgers).
     """
     batch = _batch(site, settings)
     num_examples = site.num_units  # what q and the accountant count: patients when known
@@ -500,6 +518,7 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
         raise SettingsError(f"round {round_number} is past the {settings.planned_rounds} rounds planned: "
                             "its learning rate would be 0")
     model, engine = _prepared(config, site.train_x.shape[1:], site.num_classes, weights, settings)
+    _refuse_past(deadline, round_number)
     # Read, budget check and charge under one exclusive lock; the charge is on disk before
     # training starts, so no update can leave uncounted.
     reservation = site.odometer.reserve(event, run_id, round_number)

@@ -521,7 +521,12 @@ def _send_and_receive(grid: Grid, messages, timeout: float) -> list:
 
     A deployed round is a few seconds of work (client/hospital_process.py); Flower's loop
     would round each exchange up to a multiple of 3 s. Replies (the SuperLink's own error
-    replies for a node that went away included) are collected until all are in or `timeout`."""
+    replies for a node that went away included) are collected until all are in or `timeout`.
+    Each message lives only until then (its time to live): the SuperLink drops it, and a
+    hospital that gets it late refuses before charging (client/task.py _refuse_past)."""
+    messages = list(messages)
+    for message in messages:
+        message.metadata.ttl = timeout + max(time.time() - message.metadata.created_at, 0.0)
     pending = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     replies = []

@@ -116,3 +116,23 @@ def test_per_example_clipping_bound_holds(digits):
         assert norm >= clip * 0.999  # it was over the bound, so it sits on it
     total = engine.clipped_gradient_sum(train_x[:32], train_y[:32])
     assert np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in total)) <= 32 * clip * (1 + 1e-4)
+
+
+def test_a_round_received_after_the_coordinators_deadline_is_refused_before_any_charge(digits, tmp_path):
+    """A SuperNode frozen with the train message in hand and resumed after the round's timeout
+    (tests/test_faults_deploy_restart.py freezes one) must not spend budget on a reply the
+    coordinator no longer counts: the message's creation time plus its time to live has passed."""
+    import time
+
+    from client.task import SettingsError
+
+    config = load_config(None, ["train.batch_size=20", "dp.noise_multiplier=1.0"])
+    site = _site(digits, tmp_path)
+    settings = TrainSettings.from_config(config)
+    with pytest.raises(SettingsError, match="after the coordinator's deadline.*nothing charged"):
+        train_round(site, config, settings, _initial(config), run_id=7, round_number=1, deadline=time.time() - 5)
+    assert not (tmp_path / "h0.jsonl").exists() or PrivacyOdometer(tmp_path / "h0.jsonl", "hospital-0", 20.0,
+                                                                    1e-5).spent() == 0.0
+    outcome = train_round(site, config, settings, _initial(config), run_id=7, round_number=1,
+                          deadline=time.time() + 600)
+    assert outcome.status == "trained" and outcome.epsilon > 0
