@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from common.cpus import usable_cpus
 from common.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -292,9 +292,9 @@ def validate(config: Config) -> Config:
         raise UserError(f"config key 'data.path' is required for data.source={config.data.source}: set it to the file or folder")
     if Path(config.privacy.odometer_dir).exists() and not Path(config.privacy.odometer_dir).is_dir():
         raise UserError(f"config key 'privacy.odometer_dir' names a file ({config.privacy.odometer_dir}): give a directory")
-    if config.simulation.cpus_per_client > (os.cpu_count() or 1):
+    if config.simulation.cpus_per_client > usable_cpus():
         raise UserError(f"config key 'simulation.cpus_per_client' is {config.simulation.cpus_per_client:g} but this "
-                        f"machine has {os.cpu_count() or 1} CPU cores: lower it")
+                        f"process may use {usable_cpus()} CPU cores: lower it")
     if isinstance(config.data.path, list) and len(config.data.path) != config.hospitals:
         raise UserError(
             f"config key 'data.path' lists {len(config.data.path)} paths but hospitals={config.hospitals}: give one path per hospital"

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.cpus import usable_cpus
 from common.dataset import Dataset, beyond_machine_share, one_line, short_list, to_uint8
 from common.dicom import DICOM_EXTENSIONS, decode_dicom, is_dicom, read_header
 from common.errors import UserError
@@ -218,7 +219,7 @@ def decode_files(paths, image_size, on_bad_image, color, where) -> DecodedImages
             return err
 
     # Pillow and the DICOM codecs release the GIL while decoding, so threads use both cores without copies.
-    workers = max(1, min(4, os.cpu_count() or 1))
+    workers = max(1, min(4, usable_cpus()))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         errors = list(pool.map(decode, range(len(paths))))
     keep = np.array([s is not None for s in sizes], dtype=bool)

@@ -27,6 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
+from common.cpus import usable_cpus
 from common.durable import DISK_FULL_WORDS, disk_full_line, is_disk_full, naming
 from common.errors import UserError
 from common.tf_env import tf_environment
@@ -340,7 +341,7 @@ class Simulation:
         return path
 
     def flwr_run_command(self, app: Path) -> list[str]:
-        cpus = os.cpu_count() or 1
+        cpus = usable_cpus()
         federation = [
             f"num-supernodes={self.config.hospitals}",
             f"client-resources-num-cpus={max(1, round(self.config.simulation.cpus_per_client))}",

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common.cpus import usable_cpus
 from tests.test_faults import SMALL, _check_ledger, _finish, _kill_tree, _odometer_charges, _start, _status, \
     _wait_for_round
 
@@ -72,7 +73,7 @@ def test_a_ray_worker_killed_mid_round_is_named_and_the_run_resumes_with_every_c
     # lands while the charged hospital still trains, not after it has replied.
     args = [*SMALL, "--set", "train.local_epochs=20", "--set", "hospitals=2", "--set", f"rounds={ROUNDS}",
             "--set", "train.fraction_evaluate=0",
-            "--set", f"simulation.cpus_per_client={os.cpu_count() or 1}", "--set", f"privacy.odometer_dir={odometer}"]
+            "--set", f"simulation.cpus_per_client={usable_cpus()}", "--set", f"privacy.odometer_dir={odometer}"]
     process = _start([*args, "--out", str(run)], tmp_path, "killed-worker")
     try:
         _wait_for_round(process, run, 1)

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from common.cpus import usable_cpus
 from server.audit.checks import ACCOUNTANTS, audit_ledger
 from server.audit.evaluation import audit_evaluation, format_evaluation
 from server.audit.evaluation import to_dict as evaluation_dict
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a hospital's odometer (a simulation's: ODOMETER_DIR/simulation.jsonl): the ledger must "
                              "hold exactly its charges of this run, their delta and the earlier charges on the same "
                              "data (repeatable)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--jobs", type=int, default=usable_cpus(),
                         help="processes for large ledgers (default: all cores)")
     args = parser.parse_args(argv)
     # RDP drops fractional orders that do not converge and logs each; the bound stays valid.
