@@ -1,10 +1,11 @@
-"""Tests run in parallel (pytest-xdist, `--dist loadgroup`, see pyproject's addopts).
+"""Running the tests in parallel: `uv run pytest -n N --dist loadgroup` (pytest-xdist).
 
-Most of the suite's time is real simulations and deployments that wait on Flower, Ray and
-process start-ups, so several run at once on 2 cores. A module-scoped fixture (one real
-run that several tests read) must be built once, not once per worker: every test that uses
-one is put in its module's group, and xdist sends a group to a single worker. `-n 0` runs
-everything in this one process, unpinned.
+CI runs them one at a time: on 2 cores, 4 workers took longer than the serial suite (3711 s
+against 3466 s) and their simulations hit their timeouts, because each test's real runs
+already keep both cores busy. On a machine with more cores, parallel runs pay. A
+module-scoped fixture (one real run that several tests read) must be built once, not once
+per worker: every test that uses one is put in its module's group, and `--dist loadgroup`
+sends a group to a single worker.
 """
 import pytest
 

@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from common.cpus import usable_cpus
 from server.audit.checks import ACCOUNTANTS, audit_ledger
 from server.audit.evaluation import audit_evaluation, format_evaluation
 from server.audit.evaluation import to_dict as evaluation_dict
@@ -16,6 +15,14 @@ from server.audit.output import format_report, plot_report
 from server.audit.reading import LEDGER_NAME, LedgerError, ledger_path, read_context, read_ledger
 
 # --------------------------------------------------------------------------- command line
+
+def _usable_cpus() -> int:
+    # The affinity mask, as common/cpus.py reads it; the audit imports nothing of the training stack.
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity masks on this platform (macOS)
+        return os.cpu_count() or 1
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, audit, print; returns the exit status. Never a traceback."""
@@ -35,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a hospital's odometer (a simulation's: ODOMETER_DIR/simulation.jsonl): the ledger must "
                              "hold exactly its charges of this run, their delta and the earlier charges on the same "
                              "data (repeatable)")
-    parser.add_argument("--jobs", type=int, default=usable_cpus(),
-                        help="processes for large ledgers (default: all cores)")
+    parser.add_argument("--jobs", type=int, default=_usable_cpus(),
+                        help="processes for large ledgers (default: the cores this process may use)")
     args = parser.parse_args(argv)
     # RDP drops fractional orders that do not converge and logs each; the bound stays valid.
     logging.getLogger("absl").setLevel(logging.ERROR)
