@@ -78,12 +78,19 @@ def run(repo: Path, rounds: int, evaluate: bool, work: Path) -> dict:
         run_id = parse_json_output(started.stdout).get("run-id")
         assert run_id, started.stdout + started.stderr
 
+        def ended():  # the run's own status file: a `flwr ls` every few seconds would cost a core
+            try:
+                return json.loads((run_dir / "status.json").read_text()).get("state") in ("finished", "failed")
+            except (OSError, ValueError):
+                return False
+
         def finished():
             listed = parse_json_output(flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json").stdout)
             status = listed["runs"][0]["status"] if listed.get("runs") else ""
             return status if status.startswith("finished") else ""
 
-        status = wait_for(finished, 120 + 120 * rounds, 2, "the run to finish")
+        wait_for(ended, 120 + 120 * rounds, 1, "the run to write its final status")
+        status = wait_for(finished, 120, 2, "Flower to report the run finished")
         wall = time.monotonic() - started_at
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         seconds = [float(r["seconds"]) for r in rows if "seconds" in r]

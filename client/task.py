@@ -27,7 +27,8 @@ from common.errors import UserError
 from common.federation import load_federation
 from common.metrics import predict
 from common.model import make_model
-from common.privacy import NoisePlan, PrivacyEvent, delta_refusal, epsilon, plan_noise, useful_noise_limit
+from common.privacy import (NoisePlan, PrivacyEvent, compute_ahead, delta_refusal, epsilon, plan_noise,
+                            useful_noise_limit)
 from common.sampling import expected_batch_size, sampling_rate_for, steps_for
 
 log = logging.getLogger("hospital")
@@ -540,6 +541,9 @@ def train_round(site: HospitalSite, config: Config, settings: TrainSettings, wei
     _local_log(site, {"run": run_id, "round": round_number, "steps": stats.steps,
                       "seconds": round(stats.seconds, 4), "train_loss": stats.mean_loss, "momentum_carried": carried})
     can_train_again = site.odometer.epsilon_after(event) <= site.odometer.max_epsilon
+    if can_train_again and round_number < settings.planned_rounds:
+        # The next round's own "one more round?" check, computed while the coordinator aggregates.
+        compute_ahead(site.odometer.events() + [event, event], site.odometer.delta)
     return TrainOutcome("trained", event, epsilon_after, prior, num_examples, can_train_again,
                         epsilon_after, model.get_weights(), stats.mean_loss, engine.velocity())
 

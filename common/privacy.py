@@ -10,9 +10,11 @@ nothing mathematically and lets the PLD accountant self-compose by FFT in one go
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import math
+import threading
 from dataclasses import asdict, dataclass
 
 import dp_accounting
@@ -107,7 +109,43 @@ def delta_refusal(name: str, delta: float, n: int) -> str | None:
 
 def epsilon(events: list[PrivacyEvent], delta: float, accountant: str = "pld") -> float:
     """Epsilon at `delta` of all `events` composed; 0 for no steps, inf for zero noise."""
-    return _epsilon(_groups(events), float(delta), accountant)
+    key = (_groups(events), float(delta), accountant)
+    ahead = _ahead.pop(key, None)
+    if ahead is not None:  # being computed by compute_ahead: the same figure, wait for it
+        return ahead.result()
+    return _epsilon(*key)
+
+
+# Figures asked for ahead of time, computed one at a time by daemon threads (a process that
+# ends never waits for a figure nobody asked for); epsilon() returns them (the same call,
+# cached by _epsilon).
+_ahead: dict[tuple, concurrent.futures.Future] = {}
+_one_at_a_time = threading.Lock()
+
+
+def compute_ahead(events: list[PrivacyEvent], delta: float, accountant: str = "pld") -> None:
+    """Start computing `epsilon(events, delta)` in the background, for a figure needed soon.
+
+    A hospital's reply waits for its "one more round?" check, and the coordinator for its
+    check of each reply (a fresh PLD each, ~0.5 s); the next round's figures are known as
+    soon as this round's are, so they are computed while both sides wait for each other."""
+    key = (_groups(events), float(delta), accountant)
+    if key in _ahead:
+        return
+    if len(_ahead) > 64:  # figures never asked for (a run that ended early): forget the finished ones
+        for stale in [k for k, future in _ahead.items() if future.done()]:
+            _ahead.pop(stale, None)
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def compute() -> None:
+        with _one_at_a_time:
+            try:
+                future.set_result(_epsilon(*key))
+            except BaseException as error:  # noqa: BLE001 - handed to whoever asks for the figure
+                future.set_exception(error)
+
+    _ahead[key] = future
+    threading.Thread(target=compute, name="epsilon-ahead", daemon=True).start()
 
 
 # ---------------------------------------------------------------------- planning the noise

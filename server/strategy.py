@@ -28,7 +28,7 @@ from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_a
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import HOSPITAL_NAME
-from common.privacy import PrivacyEvent, epsilon
+from common.privacy import PrivacyEvent, compute_ahead, epsilon
 from common.sampling import steps_for
 from common.eval_privacy import federated_scores, scores
 from server.eval_replies import EvaluationReport, read_evaluation
@@ -337,6 +337,9 @@ class PrivateFedAvg(FedAvg):
         expected = epsilon(history + [report.event], report.delta)
         if _close(report.epsilon, expected):
             self._lost = 0
+            if report.can_train_again and report.event.steps > 0:
+                # Its next reply, if it runs the same mechanism again, recomputes to this figure.
+                compute_ahead(history + [report.event, report.event], report.delta)
             return
         if report.epsilon < expected:
             raise Rejected(f"'epsilon' {report.epsilon:.6g} is below {expected:.6g} recomputed from its events")

@@ -30,6 +30,7 @@ SUBNET = "10.213.0"  # only ever configured inside this module's own namespaces
 LINK_IP = f"{SUBNET}.1"
 LINK_PORT = 9093  # inside the coordinator's namespace, so no clash with the host
 NODE_PORT = 9094  # SuperNode Runtime API, each SuperNode in its own namespace
+SUPEREXEC_POLL_SECONDS = "0.2"  # as the README's flower-supernode commands set it (Flower's default: 1 s)
 
 
 def quiet_env(extra: dict | None = None) -> dict:
@@ -40,6 +41,8 @@ def quiet_env(extra: dict | None = None) -> dict:
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"  # ...and ask PyPI for a newer release
     env["PYTHONUNBUFFERED"] = "1"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    # A SuperNode's SuperExec looks for a message to start a ClientApp for every 1 s by default.
+    env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = SUPEREXEC_POLL_SECONDS
     env.pop("VIRTUAL_ENV", None)
     if extra:
         env.update(extra)

@@ -1,4 +1,5 @@
 """Accounting and the hospital's odometer: dp-accounting figures, restarts, budgets."""
+import functools
 import math
 import warnings
 
@@ -8,7 +9,8 @@ import pytest
 
 from client.odometer import PrivacyOdometer
 from common.errors import UserError
-from common.privacy import PrivacyEvent, epsilon
+from common import privacy
+from common.privacy import PrivacyEvent, compute_ahead, epsilon
 from common.sampling import sampling_rate_for, steps_for
 from common.tf_setup import tf_privacy
 
@@ -44,6 +46,22 @@ def test_composition_over_rounds_equals_one_long_run():
     assert epsilon(rounds, 1e-5) == pytest.approx(epsilon([PrivacyEvent(1.0, 0.1, 40)], 1e-5), rel=1e-9)
     mixed = epsilon([PrivacyEvent(1.0, 0.1, 10), PrivacyEvent(2.0, 0.05, 10)], 1e-5)
     assert mixed > epsilon([PrivacyEvent(1.0, 0.1, 10)], 1e-5)
+
+
+def test_a_figure_computed_ahead_is_the_figure_and_is_computed_once(monkeypatch):
+    events = [PrivacyEvent(1.3, 0.037, 6), PrivacyEvent(1.3, 0.037, 6)]
+    direct = _pld(0.037, 1.3, 12, 1e-5)
+    privacy._epsilon.cache_clear()
+    calls = []
+    computed = privacy._epsilon.__wrapped__
+    monkeypatch.setattr(privacy, "_epsilon", functools.lru_cache(maxsize=8)(lambda *key: calls.append(key) or computed(*key)))
+    compute_ahead(events, 1e-5)
+    compute_ahead([PrivacyEvent(1.3, 0.037, 12)], 1e-5)  # the same figure (merged steps): not started twice
+    assert epsilon([PrivacyEvent(1.3, 0.037, 12)], 1e-5) == pytest.approx(direct, rel=1e-9)
+    assert epsilon(events, 1e-5) == pytest.approx(direct, rel=1e-9)
+    assert len(calls) == 1 and not privacy._ahead
+    compute_ahead([PrivacyEvent(0.0, 0.037, 3)], 1e-5)  # zero noise, ahead or not: infinite
+    assert epsilon([PrivacyEvent(0.0, 0.037, 3)], 1e-5) == math.inf
 
 
 def test_edges_fail_safe():
