@@ -41,8 +41,9 @@ def quiet_env(extra: dict | None = None) -> dict:
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"  # ...and ask PyPI for a newer release
     env["PYTHONUNBUFFERED"] = "1"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    # A SuperNode's SuperExec looks for a message to start a ClientApp for every 1 s by default.
-    env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = SUPEREXEC_POLL_SECONDS
+    # A SuperNode's SuperExec looks for a message to start a ClientApp for every 1 s by default
+    # (set it in the environment to measure with another value).
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_SECONDS)
     env.pop("VIRTUAL_ENV", None)
     if extra:
         env.update(extra)

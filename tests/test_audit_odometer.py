@@ -240,6 +240,7 @@ def _simulation_odometer(run: Path) -> Path:
     return Path(config["privacy"]["odometer_dir"]) / "simulation.jsonl"
 
 
+@pytest.mark.slow
 def test_an_honest_simulation_matches_its_odometer(first_run):
     run, _ = first_run
     result = audit_cli(run, _simulation_odometer(run))
@@ -247,6 +248,7 @@ def test_an_honest_simulation_matches_its_odometer(first_run):
     assert "OK: every figure recomputes and matches the odometers" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_renamed_simulated_hospital_fails(first_run, tmp_path):
     run, _ = first_run
 
@@ -266,6 +268,7 @@ def test_a_renamed_simulated_hospital_fails(first_run, tmp_path):
     assert "hospital hospital-X: the ledger's 2 charge(s) (rounds 1, 2) are not in odometer" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_simulation_with_its_delta_raised_fails(first_run, tmp_path):
     run, _ = first_run
 

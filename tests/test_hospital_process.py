@@ -95,6 +95,7 @@ def test_the_client_app_module_imports_without_tensorflow_or_the_hospitals_code(
     assert "client.client_app" in imported and not any(name.startswith("tensorflow") for name in imported)
 
 
+@pytest.mark.slow
 def test_one_hospital_process_serves_every_request_refuses_a_wrong_key_and_stops_with_its_supernode(tmp_path,
                                                                                                   runtime):
     from client.hospital_process import APP_DIR, _write_authkey, key_of
@@ -160,6 +161,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_racing_client_app_processes_start_one_hospital_process_which_stops_when_idle(tmp_path, runtime):
     request = json.dumps(_plan_request(_node(tmp_path)))
     env = _env(runtime, HOSPITAL_FL_IDLE_SECONDS="3")
@@ -200,6 +202,7 @@ CLIENT_APP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_wrong_node_config_through_the_hospital_process_is_one_category_line(tmp_path, runtime):
     node = _node(tmp_path, "st-marys", evalute=False)  # misspelt: must not quietly mean evaluate=true
     log = tmp_path / "clientapp.log"

@@ -28,6 +28,7 @@ def _settings(table, odometer):
             f"data.path={table}", "privacy.max_epsilon=3", f"privacy.odometer_dir={odometer}"]
 
 
+@pytest.mark.slow
 def test_a_dicom_table_simulation_trains_with_the_patient_as_unit_and_audits(formats, tmp_path):
     out, written = formats
     table, odometer, run = out / "dicom" / "labels.csv", tmp_path / "odometer", tmp_path / "run"

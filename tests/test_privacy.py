@@ -55,6 +55,7 @@ def test_a_figure_computed_ahead_is_the_figure_and_is_computed_once(monkeypatch)
     calls = []
     computed = privacy._epsilon.__wrapped__
     monkeypatch.setattr(privacy, "_epsilon", functools.lru_cache(maxsize=8)(lambda *key: calls.append(key) or computed(*key)))
+    monkeypatch.setattr(privacy, "_ahead", {})  # not the figures earlier tests asked for ahead
     compute_ahead(events, 1e-5)
     compute_ahead([PrivacyEvent(1.3, 0.037, 12)], 1e-5)  # the same figure (merged steps): not started twice
     assert epsilon([PrivacyEvent(1.3, 0.037, 12)], 1e-5) == pytest.approx(direct, rel=1e-9)
