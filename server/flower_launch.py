@@ -42,6 +42,7 @@ INSTALLED_APP_TOML = ROOT / "server" / "flower_app" / "pyproject.toml"
 # line names the hospital and its failure category.
 FLOWER_CHATTER = re.compile(r"^(\x1b\[[0-9;]*m)*(INFO|DEBUG)\b|Since flwr 1\.32|^Successfully (started run|installed)"
                             r"|^Using SuperLink: |^(\x1b\[[0-9;]*m)*\(raylet\)")
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its level names; flower.log is plain text
 STARTUP_TIMEOUT = 60.0  # seconds to wait for the private SuperLink to answer
 # Flower 1.42 gives its simulation process 30 s from launch to its first heartbeat; one that
 # starts slower (it imports TensorFlow; a very busy machine) is relaunched, forever. The
@@ -267,7 +268,8 @@ class Simulation:
         self.superlink: subprocess.Popen | None = None
         self.flwr_run: subprocess.Popen | None = None
         self.run_id: int | None = None
-        self.transcript: list[str] = []
+        self.transcript: list[str] = []  # Flower's lines without colour codes
+        self.received: list[float] = []  # when each of them arrived (time.time())
         self.stop_requests = 0
         self.server_started = False  # the ServerApp has opened the run directory
         self.stalled = False
@@ -365,7 +367,8 @@ class Simulation:
         self.watch_for_relaunch_loop()
         for line in self.flwr_run.stdout:
             line = line.rstrip("\n")
-            self.transcript.append(line)
+            self.transcript.append(ANSI_CODES.sub("", line))
+            self.received.append(time.time())
             if self.run_id is None and (found := re.search(r"Successfully started run (\d+)", line)):
                 self.run_id = int(found.group(1))
             if line.startswith("Run directory:"):
@@ -437,9 +440,12 @@ class Simulation:
         if not (self.out.is_dir() and self.transcript):
             return
         path = self.out / "flower.log"
+        now = time.time()  # for any line recorded without its own time
+        stamps = [*self.received, *[now] * (len(self.transcript) - len(self.received))]
+        lines = [f"{_utc(stamp)} {line}" for stamp, line in zip(stamps, self.transcript)]
         try:
             with naming(path), open(path, "a", encoding="utf-8") as handle:
-                handle.write("\n".join(self.transcript) + "\n")
+                handle.write("\n".join(lines) + "\n")
         except OSError as error:
             why = disk_full_line(error) if is_disk_full(error) else f"cannot write {path}: {error.strerror or error}"
             print(f"error: {why}; Flower's log of this run is not saved", file=sys.stderr, flush=True)
@@ -467,6 +473,11 @@ class Simulation:
             shutil.rmtree(self.flwr_home, ignore_errors=True)
         elif self.saved_config is not None:
             (self.flwr_home / "config.toml").write_bytes(self.saved_config)
+
+
+def _utc(stamp: float) -> str:
+    """A flower.log time stamp: UTC to the millisecond, as in 2026-12-03T11:16:42.173Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp)) + f".{int(stamp % 1 * 1000):03d}Z"
 
 
 def _executable(name: str) -> str:

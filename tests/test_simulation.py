@@ -1,5 +1,6 @@
 """End to end through Flower's simulation engine: run directory, ledger, odometer, budgets."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,11 @@ def test_two_hospitals_two_rounds_write_the_run_directory(first_run):
     model = load_model(run / "model.keras")
     assert model.output_shape == (None, 10)
     assert json.loads((run / "status.json").read_text())["simulated"] is True  # budgets are config.yaml's
+    # Flower's own lines, kept as plain text with the time each arrived (issue 27 item 3).
+    flower_log = (run / "flower.log").read_text()
+    assert "\x1b[" not in flower_log and "Starting Flower Simulation" in flower_log
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", line) for line in flower_log.splitlines()), \
+        flower_log[:2000]
 
 
 def test_every_ledger_epsilon_recomputes_from_its_fields(first_run):
